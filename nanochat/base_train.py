@@ -1,0 +1,296 @@
+"""
+Pretrain the base model.
+
+    python -m nanochat.base_train --depth=4 --max-seq-len=256 --device-batch-size=8 --total-batch-size=4096
+    torchrun --standalone --nproc_per_node=8 -m nanochat.base_train --depth=20
+
+Model width and heads follow from --depth; the run length from --num-iterations, or from a tokens:params
+ratio (Chinchilla, 20 by default). The total batch is counted in tokens and filled with gradient accumulation
+when device_batch x seq_len x world_size is smaller. Saves model + optimizer shards + dataloader position, and
+--resume continues bit for bit where a run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.pipes import PipesReporter
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# bf16 dense peak FLOP/s by device name fragment (datasheet numbers, without sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Pretrain a nanochat base model")
+    p.add_argument("--run", default="dummy", help="run name (for logs)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--dtype", default="", help="autocast dtype: bfloat16|float32 (default: bf16 on cuda)")
+    # model
+    p.add_argument("--depth", type=int, default=20, help="number of transformer layers")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio")
+    p.add_argument("--head-dim", type=int, default=128, help="target attention head size")
+    p.add_argument("--n-kv-head", type=int, default=0, help="key/value heads for GQA (default: = n_head)")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    # horizon
+    p.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps")
+    p.add_argument("--target-param-data-ratio", type=float, default=20, help="tokens per parameter")
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    # optimization
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.2)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="torch.compile (auto: cuda)")
+    p.add_argument("--seed", type=int, default=42)
+    # evaluation / output
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
+    p.add_argument("--sample-every", type=int, default=2000)
+    p.add_argument("--save-every", type=int, default=-1, help="-1: only at the end")
+    p.add_argument("--model-tag", default="", help="checkpoint subdirectory (default d<depth>)")
+    p.add_argument("--data-dir", default=None, help="shard directory (default $NANOCHAT_DATA_DIR)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
+    p.add_argument("--resume-from-step", type=int, default=-1)
+    p.add_argument("--log-every", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def model_config_for(args, vocab_size: int) -> GPTConfig:
+    model_dim = args.depth * args.aspect_ratio
+    n_head = max(1, math.ceil(model_dim / args.head_dim))
+    while model_dim % n_head:  # keep heads an exact split of the width
+        n_head += 1
+    n_kv_head = args.n_kv_head or n_head
+    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
+                     n_head=n_head, n_kv_head=n_kv_head, n_embd=model_dim)
+
+
+def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final: float) -> float:
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final
+
+
+def muon_momentum(it: int) -> float:
+    frac = min(it / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def sample_prompts(model, tokenizer, max_tokens: int = 16) -> list[str]:
+    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then",
+               "The opposite of hot is", "The planets of the solar system are:"]
+    engine = Engine(model, tokenizer)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        rows, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0)
+        out.append(tokenizer.decode(rows[0][1:]))
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    user_config = vars(args).copy()
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None, seed=args.seed)
+    master = rank == 0
+    reporter = PipesReporter()
+    try:
+        return train(args, user_config, ddp, rank, world_size, device, master, reporter)
+    except BaseException as e:
+        reporter.close(e)
+        raise
+    finally:
+        reporter.close()
+        compute_cleanup()
+
+
+def train(args, user_config, ddp, rank, world_size, device, master, reporter) -> dict:
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = (torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if dtype_name == "bfloat16" else nullcontext())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    config = model_config_for(args, tokenizer.get_vocab_size())
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    num_params = model.num_params()
+    flops_per_token = model.estimate_flops()
+    print0(f"model config: {config.to_dict()}; parameters: {num_params:,}; FLOPs/token: {flops_per_token:.3e}")
+
+    # Batch bookkeeping: total batch in tokens, gradient accumulation to reach it.
+    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size % tokens_per_fwdbwd:
+        raise SystemExit(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size x "
+                         f"max_seq_len x world_size = {tokens_per_fwdbwd}")
+    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_param_data_ratio > 0:
+        num_iterations = max(1, int(args.target_param_data_ratio * num_params) // args.total_batch_size)
+    else:
+        raise SystemExit("set --num-iterations or --target-param-data-ratio")
+    print0(f"grad accumulation steps: {grad_accum_steps}; iterations: {num_iterations:,}; "
+           f"tokens: {num_iterations * args.total_batch_size:,}")
+
+    optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
+    adamw, muon = optimizers
+
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = get_base_dir() / "base_checkpoints" / model_tag
+    step, loader_state = 0, None
+    loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+    val_bpb = None
+    if args.resume or args.resume_from_step >= 0:
+        step = args.resume_from_step if args.resume_from_step >= 0 else find_last_step(checkpoint_dir)
+        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        if meta["model_config"] != config.to_dict():
+            raise SystemExit(f"cannot resume: checkpoint model_config {meta['model_config']} != {config.to_dict()}")
+        model.load_state_dict(model_data, strict=True)
+        for opt, state in zip(optimizers, optim_data):
+            opt.load_state_dict(state)
+        loader_state = meta["dataloader_state_dict"]
+        loop_state = meta["loop_state"]
+        val_bpb = meta.get("val_bpb")
+        print0(f"resumed from {checkpoint_dir} step {step}")
+        del model_data, optim_data
+
+    use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+    def loader(split, state=None):
+        return tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, split,
+                                                  device, rank, world_size, state, args.data_dir)
+
+    train_loader = loader("train", loader_state)
+    x, y, next_state = next(train_loader)
+    # The state to save is the position *before* the prefetched batch (x, y), so a resume re-reads it.
+    state_before_xy = loader_state or {"epoch": 0, "pq_idx": 0, "rg_idx": rank, "offset": 0}
+
+    smooth_loss = loop_state["smooth_train_loss"]
+    total_time = loop_state["total_training_time"]
+    history: list[dict] = []
+    tok_per_sec = flops_per_sec = mfu = 0.0
+    peak = gpu_peak_flops(device)
+    samples: list[str] = []
+    while True:
+        last_step = step == num_iterations
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
+            with autocast:
+                val_bpb = evaluate_bpb(model, loader("val"), eval_steps, token_bytes)
+            loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            reporter.metrics(step, val_bpb=val_bpb)
+            model.train()
+        if master and (last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)):
+            model.eval()
+            with autocast:
+                samples = sample_prompts(model, tokenizer)
+            for s in samples:
+                print0(f"  sample: {s!r}")
+            model.train()
+        if last_step or (args.save_every > 0 and step % args.save_every == 0 and step > 0):
+            loop_state.update(smooth_train_loss=smooth_loss, total_training_time=total_time)
+            meta = {
+                "step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": user_config,
+                "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+                "total_batch_size": args.total_batch_size, "world_size": world_size,
+                "dataloader_state_dict": state_before_xy, "loop_state": loop_state,
+            }
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+                            meta, rank=rank)
+        if last_step:
+            break
+
+        # One optimizer step: grad_accum_steps micro-batches, then AdamW + Muon.
+        sync()
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            with autocast:
+                loss = train_model(x, y)
+            train_loss = loss.detach()
+            (loss / grad_accum_steps).backward()
+            state_before_xy = next_state
+            x, y, next_state = next(train_loader)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        sync()
+        dt = time.time() - t0
+        step += 1
+
+        # Logging: EMA of the train loss (debiased), throughput, FLOP/s and (on a known GPU) MFU.
+        beta = 0.9
+        smooth_loss = beta * smooth_loss + (1 - beta) * train_loss.item()
+        debiased = smooth_loss / (1 - beta**step)
+        tok_per_sec = args.total_batch_size / dt
+        flops_per_sec = flops_per_token * args.total_batch_size / dt
+        mfu = 100 * flops_per_sec / (peak * world_size) if peak else 0.0
+        if step > 10:
+            total_time += dt  # the first steps include compilation/warm-up
+        history.append({"step": step, "loss": debiased, "lrm": lrm, "dt": dt})
+        if step % args.log_every == 0 or step == num_iterations:
+            mfu_text = f" | mfu {mfu:.2f}%" if peak else ""
+            print0(f"step {step:05d}/{num_iterations:05d} | loss {debiased:.6f} | lrm {lrm:.2f} | "
+                   f"dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | flop/s {flops_per_sec:.3e}{mfu_text}")
+            reporter.metrics(step, loss=debiased, tok_per_sec=tok_per_sec, mfu=mfu)
+
+    summary = {
+        "checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
+        "min_val_bpb": loop_state["min_val_bpb"], "final_loss": history[-1]["loss"] if history else None,
+        "num_params": num_params, "tok_per_sec": tok_per_sec, "flops_per_sec": flops_per_sec, "mfu": mfu,
+        "total_training_time": total_time, "samples": samples, "losses": [h["loss"] for h in history],
+    }
+    reporter.result({k: v for k, v in summary.items() if k not in ("losses", "samples")})
+    if device.type == "cuda":
+        print0(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,277 @@
+"""
+Save and load checkpoints in the original nanochat layout:
+
+    <base>/<phase>_checkpoints/<model_tag>/model_<step:06d>.pt        model state_dict (rank 0)
+    <base>/<phase>_checkpoints/<model_tag>/meta_<step:06d>.json       metadata (rank 0)
+    <base>/<phase>_checkpoints/<model_tag>/optim_<step:06d>_rank<r>.pt optimizer shard of rank r
+
+Every file is written to a temporary name and renamed into place, so a crash mid-save never leaves a file
+that looks complete. The model file is renamed last of the rank-0 files: a model_*.pt that exists is whole,
+and its meta is already there. Loading uses torch.load(weights_only=True): a checkpoint is data, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nanochat.common import get_base_dir
+from nanochat.gpt import GPT, GPTConfig
+
+logger = logging.getLogger("nanochat")
+
+PHASE_DIRS = {
+    "base": "base_checkpoints",
+    "mid": "mid_checkpoints",
+    "sft": "chatsft_checkpoints",
+    "rl": "chatrl_checkpoints",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, or does not match the model it should load into."""
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes
+
+
+def _atomic_write(path: Path, write_fn) -> None:
+    """Write through write_fn(file) to a temp file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Leave nothing half-written behind, whatever went wrong (disk full, KeyboardInterrupt, ...).
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_json_save(obj, path: str | os.PathLike) -> None:
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+
+
+# -----------------------------------------------------------------------------
+# Save / load one step
+
+
+def model_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
+    return Path(checkpoint_dir) / f"model_{step:06d}.pt"
+
+
+def meta_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
+    return Path(checkpoint_dir) / f"meta_{step:06d}.json"
+
+
+def optim_path(checkpoint_dir: str | os.PathLike, step: int, rank: int) -> Path:
+    return Path(checkpoint_dir) / f"optim_{step:06d}_rank{rank:d}.pt"
+
+
+def save_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    step: int,
+    model_data: dict | None,
+    optimizer_data,
+    meta_data: dict | None,
+    rank: int = 0,
+) -> None:
+    """Rank 0 writes model + meta; every rank writes its own optimizer shard (when optimizer_data is given)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if optimizer_data is not None:
+        atomic_torch_save(optimizer_data, optim_path(checkpoint_dir, step, rank))
+    if rank == 0:
+        if meta_data is not None:
+            atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
+        if model_data is not None:
+            # Drop a torch.compile wrapper prefix so the checkpoint loads into a plain model.
+            model_data = {_strip_compile_prefix(k): v for k, v in model_data.items()}
+            atomic_torch_save(model_data, model_path(checkpoint_dir, step))
+        logger.info("saved checkpoint step %d to %s", step, checkpoint_dir)
+
+
+def _strip_compile_prefix(key: str) -> str:
+    return key.removeprefix("_orig_mod.")
+
+
+def _torch_load(path: Path, device) -> object:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... depending on the damage
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"cannot read checkpoint file {path} ({size} bytes): {type(e).__name__}: {str(e).splitlines()[0]}. "
+            "The file is truncated, corrupt, or not a weights-only PyTorch checkpoint; "
+            "re-save it or load an earlier step."
+        ) from e
+
+
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    step: int,
+    device: torch.device | str = "cpu",
+    load_optimizer: bool = False,
+    rank: int = 0,
+) -> tuple[dict, object, dict]:
+    """Return (model_state_dict, optimizer_data or None, meta_data) for one saved step."""
+    checkpoint_dir = Path(checkpoint_dir)
+    model_data = _torch_load(model_path(checkpoint_dir, step), device)
+    if not isinstance(model_data, dict):
+        raise CheckpointError(f"{model_path(checkpoint_dir, step)} holds a {type(model_data).__name__}, "
+                              "expected a state_dict (dict of tensors)")
+    model_data = {_strip_compile_prefix(k): v for k, v in model_data.items()}
+    optimizer_data = _torch_load(optim_path(checkpoint_dir, step, rank), device) if load_optimizer else None
+    mpath = meta_path(checkpoint_dir, step)
+    if not mpath.exists():
+        raise CheckpointError(f"metadata file {mpath} does not exist (it is written beside every model_*.pt)")
+    try:
+        meta_data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"metadata file {mpath} is not valid JSON: {e}") from e
+    return model_data, optimizer_data, meta_data
+
+
+# -----------------------------------------------------------------------------
+# Build a model from a checkpoint
+
+
+def _check_state_dict(model: GPT, state: dict, source: Path) -> None:
+    """Name every missing, unexpected and wrongly shaped key instead of load_state_dict's first complaint."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    bad_shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or bad_shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if bad_shapes:
+            parts.append(f"shape mismatches {bad_shapes[:8]}")
+        raise CheckpointError(
+            f"checkpoint {source} does not match model_config {model.config.to_dict()}: " + "; ".join(parts)
+        )
+
+
+def model_from_state_dict(model_data: dict, model_config: dict, device, source: Path | str = "<memory>") -> GPT:
+    """Build a GPT from its config on `device` and load the weights (strict)."""
+    try:
+        config = GPTConfig(**model_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {source} has an invalid model_config {model_config}: {e}") from e
+    device = torch.device(device)
+    if device.type in ("cpu", "mps"):
+        # GPU-trained checkpoints keep the embedding in bf16; CPU/MPS run everything in fp32.
+        model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    _check_state_dict(model, model_data, Path(str(source)))
+    model.to_empty(device=device)
+    model.init_rotary()  # rotary tables are not in the checkpoint; the weights are assigned next
+    model.load_state_dict(model_data, strict=True, assign=True)
+    return model
+
+
+def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str = "eval", tokenizer=None):
+    """Load (model, tokenizer, meta). phase 'eval' puts the model in eval mode, 'train' in train mode."""
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if "model_config" not in meta:
+        raise CheckpointError(f"{meta_path(checkpoint_dir, step)} has no 'model_config'")
+    model = model_from_state_dict(model_data, meta["model_config"], device, model_path(checkpoint_dir, step))
+    model.train() if phase == "train" else model.eval()
+    if tokenizer is None:
+        from nanochat.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab size {model.config.vocab_size} "
+            f"for {checkpoint_dir}: this checkpoint was trained with a different tokenizer"
+        )
+    return model, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# Find the checkpoint to load
+
+
+def find_largest_model(checkpoints_dir: str | os.PathLike) -> str:
+    """The model tag d<N> with the largest N; otherwise the most recently modified tag directory."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoints directory {checkpoints_dir}")
+    tags = [p.name for p in checkpoints_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not tags:
+        raise FileNotFoundError(f"no model tags (e.g. d20/) in {checkpoints_dir}")
+    depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda t: (checkpoints_dir / t).stat().st_mtime)
+
+
+def find_last_step(checkpoint_dir: str | os.PathLike) -> int:
+    steps = [int(m.group(1)) for p in Path(checkpoint_dir).glob("model_*.pt")
+             if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+    if not steps:
+        raise FileNotFoundError(f"no model_<step>.pt checkpoints in {checkpoint_dir}")
+    return max(steps)
+
+
+def checkpoints_dir_for(source: str, base_dir: str | os.PathLike | None = None) -> Path:
+    if source not in PHASE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(PHASE_DIRS)}")
+    return Path(base_dir or get_base_dir()) / PHASE_DIRS[source]
+
+
+def load_model_from_dir(
+    checkpoints_dir: str | os.PathLike,
+    device,
+    phase: str,
+    model_tag: str | None = None,
+    step: int | None = None,
+    tokenizer=None,
+):
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = Path(checkpoints_dir) / model_tag
+    step = find_last_step(checkpoint_dir) if step is None else step
+    logger.info("loading model %s step %d from %s", model_tag, step, checkpoint_dir)
+    return build_model(checkpoint_dir, step, device, phase, tokenizer=tokenizer)
+
+
+def load_model(
+    source: str,
+    device,
+    phase: str,
+    model_tag: str | None = None,
+    step: int | None = None,
+    base_dir: str | os.PathLike | None = None,
+    tokenizer=None,
+):
+    """load_model('sft', device, phase='eval') -> (model, tokenizer, meta); largest tag, last step by default."""
+    return load_model_from_dir(checkpoints_dir_for(source, base_dir), device, phase, model_tag, step, tokenizer)

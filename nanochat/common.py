@@ -1,0 +1,141 @@
+"""
+Shared plumbing: where artifacts live, which device to use, distributed init/cleanup, rank-0 logging.
+
+Everything here reads the standard `torchrun` environment variables (RANK, LOCAL_RANK, WORLD_SIZE), so the
+same entry point works as `python -m ...` (one process) and under `torchrun --nproc_per_node=N`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+
+def get_base_dir() -> Path:
+    """Root of all artifacts (shards, tokenizer, checkpoints): $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def get_shared_data_dir() -> Path:
+    """Real offline eval/sample data: $NANOCHAT_SHARED_DATA, else `shared/data` beside the repository root."""
+    env = os.environ.get("NANOCHAT_SHARED_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"shared data directory {path} does not exist; set NANOCHAT_SHARED_DATA to the folder that holds "
+            "pretrain/, eval_bundle/, gsm8k/ ... (see shared/data/MANIFEST.md)"
+        )
+    return path
+
+
+def autodetect_device_type() -> str:
+    """Prefer CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_distributed, rank, local_rank, world_size) from the torchrun environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, so N processes don't print N copies."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr on rank 0; other ranks only report warnings and errors."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level if is_rank0() else logging.WARNING)
+
+
+def compute_init(device_type: str | None = None, seed: int = 42) -> tuple[bool, int, int, int, torch.device]:
+    """
+    Seed, pick the device and, under torchrun, join the process group (nccl on CUDA, gloo elsewhere).
+    Returns (ddp, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device_type='cuda' was requested but CUDA is not available; pass --device-type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device_type='mps' was requested but MPS is not available; pass --device-type=cpu")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    setup_logging()
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup() -> None:
+    """Leave the process group cleanly (a torchrun job that skips this can hang on exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Collectives that also work on gloo (CPU), which lacks reduce_scatter and ReduceOp.AVG.
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce_scatter_avg(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """inputs[r] (one same-shape tensor per rank) -> the mean over ranks of inputs[my_rank]."""
+    world = dist.get_world_size()
+    if dist.get_backend() == "nccl":
+        out = torch.empty_like(inputs[0])
+        dist.reduce_scatter(out, inputs, op=dist.ReduceOp.AVG)
+        return out
+    # gloo: all-reduce the stack and keep our slice (world x the traffic; fine for CPU-scale models).
+    stacked = torch.stack(inputs)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return stacked[dist.get_rank()] / world
+
+
+def all_reduce_avg(t: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks."""
+    if dist.get_backend() == "nccl":
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(dist.get_world_size())
+    return t

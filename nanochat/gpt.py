@@ -1,0 +1,300 @@
+"""
+The GPT model, compatible with the original nanochat's late-2025 checkpoints.
+
+Notable choices (all as in the original, so its checkpoints load and give the same logits):
+- rotary embeddings (RoPE, base 10k, half-split rotation), no positional embedding table
+- QK-norm: parameter-free RMSNorm on queries and keys after RoPE
+- grouped-query attention: n_kv_head divides n_head (equal by default)
+- parameter-free RMSNorm after the embedding, before every block and before lm_head
+- ReLU² MLP, no biases anywhere, untied embedding and lm_head
+- logits soft-capped at 15 with tanh
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOGIT_SOFTCAP = 15.0
+ROPE_BASE = 10_000
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # number of query heads
+    n_kv_head: int = 6  # number of key/value heads (GQA when < n_head)
+    n_embd: int = 768
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"head_dim={self.n_embd // self.n_head} must be even for rotary embeddings")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    # Parameter-free RMSNorm: no learnable gain, so nothing to store in the checkpoint.
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (not interleaved pairs); x is (B, T, H, D), cos/sin (1, T, 1, D/2)."""
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=3).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache=None) -> torch.Tensor:
+        B, T, _ = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+        if kv_cache is not None:
+            # The cache returns every key/value up to and including this chunk.
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        Tq, Tk = q.size(2), k.size(2)
+        enable_gqa = self.n_head != self.n_kv_head
+        if Tq == Tk:
+            # Training, or prefill into an empty cache: ordinary causal attention.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        elif Tq == 1:
+            # One new token attends to everything before it: no mask needed.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=enable_gqa)
+        else:
+            # A chunk appended to a non-empty cache: see the whole prefix, causal within the chunk.
+            prefix = Tk - Tq
+            mask = torch.ones((Tq, Tk), dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos_sin, kv_cache=None) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos_sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            }
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 10x the training length so generation can run past it. They are derived
+        # data, so non-persistent: checkpoints never carry them.
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def init_weights(self) -> None:
+        """The original init: scaled normal Linears, N(0,1) embedding, zeroed output projections and lm_head."""
+        self.apply(self._init_module)
+        torch.nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+        self.init_rotary()
+        if self.transformer.wte.weight.device.type == "cuda":
+            # Embedding lookups don't need fp32 masters; bf16 halves their memory (the original does this).
+            self.transformer.wte.to(dtype=torch.bfloat16)
+
+    def init_rotary(self) -> None:
+        """(Re)compute the rotary buffers: a model built on the meta device then `to_empty`'d has garbage ones."""
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, self.config.n_embd // self.config.n_head)
+        self.cos, self.sin = cos, sin
+
+    @staticmethod
+    def _init_module(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            fan_out, fan_in = module.weight.shape
+            std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=1.0)
+
+    def _precompute_rotary(self, seq_len: int, head_dim: int, base: int = ROPE_BASE, device=None):
+        if device is None:
+            device = self.transformer.wte.weight.device
+        if device.type == "meta":
+            device = torch.device("cpu")
+        channel = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        # Stored in bf16 as the original does, so logits match its checkpoints bit for bit in spirit.
+        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+        return cos[None, :, None, :], sin[None, :, None, :]
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 per non-embedding parameter plus the attention score/value matmuls."""
+        nparams_embedding = self.transformer.wte.weight.numel()
+        l, h = self.config.n_layer, self.config.n_head
+        q, t = self.config.n_embd // self.config.n_head, self.config.sequence_len
+        return 6 * (self.num_params() - nparams_embedding) + 12 * l * h * q * t
+
+    def setup_optimizers(
+        self,
+        unembedding_lr: float = 0.004,
+        embedding_lr: float = 0.2,
+        matrix_lr: float = 0.02,
+        weight_decay: float = 0.0,
+    ) -> list[torch.optim.Optimizer]:
+        """[AdamW for wte and lm_head, Muon for every block matrix], as the original groups them."""
+        from nanochat.adamw import DistAdamW
+        from nanochat.muon import Muon
+
+        matrix_params = list(self.transformer.h.parameters())
+        embedding_params = list(self.transformer.wte.parameters())
+        lm_head_params = list(self.lm_head.parameters())
+        n_all = len(list(self.parameters()))
+        if len(matrix_params) + len(embedding_params) + len(lm_head_params) != n_all:
+            raise RuntimeError("setup_optimizers: some parameters belong to no optimizer group")
+        # The AdamW learning rates were tuned at width 768; scale them as 1/sqrt(width).
+        dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
+        adamw = DistAdamW(
+            [
+                dict(params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale),
+                dict(params=embedding_params, lr=embedding_lr * dmodel_lr_scale),
+            ],
+            betas=(0.8, 0.95),
+            eps=1e-10,
+            weight_decay=weight_decay,
+        )
+        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+        optimizers: list[torch.optim.Optimizer] = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]  # LR schedules scale from this
+        return optimizers
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache=None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits (B, T, V) when targets is None, else the cross-entropy loss (ignore_index -1)."""
+        B, T = idx.size()
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()
+        if T0 + T > self.cos.size(1):
+            raise ValueError(
+                f"sequence of {T0 + T} tokens exceeds the rotary table ({self.cos.size(1)} positions)"
+            )
+        cos_sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
+
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache)
+        x = norm(x)
+
+        logits = self.lm_head(x)
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        logits = logits.float()  # the loss is always computed in fp32
+        return F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[int]:
+        """Naive streaming generation: recompute the whole sequence every step. The reference for Engine."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token (e.g. the BOS id)")
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            next_id = sample_next_token(logits, rng, temperature, top_k)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()
+
+
+def sample_next_token(
+    logits: torch.Tensor, rng: torch.Generator | None, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
+    """Sample one token per row of (B, V) logits -> (B, 1). temperature 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits.float()
+    if top_k is not None and top_k > 0:
+        k = min(top_k, logits.size(-1))
+        vals, idx = torch.topk(logits, k, dim=-1)
+        probs = F.softmax(vals / temperature, dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+        return idx.gather(1, choice)
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=rng)

@@ -1,0 +1,53 @@
+"""
+Report to Dagster when Dagster launched us (through Dagster Pipes), and do nothing otherwise.
+
+Only rank 0 ever opens the Pipes context: under torchrun every rank shares the launcher's environment, and
+N processes writing to one Pipes channel would corrupt it. `dagster-pipes` is a small dependency-free package;
+it is imported only when a Pipes context is actually present, so the library runs without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nanochat.common import is_rank0
+
+
+class PipesReporter:
+    def __init__(self) -> None:
+        self._ctx = None
+        self._cm = None
+        if is_rank0() and os.environ.get("DAGSTER_PIPES_CONTEXT"):
+            from dagster_pipes import open_dagster_pipes
+
+            self._cm = open_dagster_pipes()
+            self._ctx = self._cm.__enter__()
+
+    @property
+    def active(self) -> bool:
+        return self._ctx is not None
+
+    def log(self, message: str) -> None:
+        if self._ctx is not None:
+            self._ctx.log.info(message)
+
+    def metrics(self, step: int, **values) -> None:
+        """A progress message Dagster shows in the run log (metadata is only attached once, at the end)."""
+        if self._ctx is not None:
+            self._ctx.report_custom_message({"step": step, **values})
+
+    def result(self, metadata: dict, asset_key: str | None = None) -> None:
+        """The materialization metadata of the asset this run produces (checkpoint URI, losses, ...)."""
+        if self._ctx is not None:
+            self._ctx.report_asset_materialization(metadata=metadata, asset_key=asset_key)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self._cm is not None:
+            cm, self._cm, self._ctx = self._cm, None, None
+            cm.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+
+    def __enter__(self) -> PipesReporter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)

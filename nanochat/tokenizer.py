@@ -1,0 +1,457 @@
+"""BPE tokenizers for nanochat: train, encode/decode, chat rendering with a loss mask, persistence.
+
+Two implementations share one API (the `Tokenizer` protocol):
+- `RustBPETokenizer`: trains with the `rustbpe` package and encodes with `tiktoken`. This is the default and
+  the original nanochat format: `<base>/tokenizer/tokenizer.pkl` holds a pickled `tiktoken.Encoding`.
+- `HuggingFaceTokenizer`: the same byte-level BPE built on the `tokenizers` library (`tokenizer.json`).
+
+In both, the 256 byte tokens and the merges come first and the 9 special tokens take the last ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any, Protocol, runtime_checkable
+
+import rustbpe
+import tiktoken
+import tokenizers
+import torch
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from nanochat.common import get_base_dir
+
+SPECIAL_TOKENS = [
+    "<|bos|>",  # starts every document; also the document delimiter and the eval pad token
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",  # the assistant calls the python (calculator) tool
+    "<|python_end|>",
+    "<|output_start|>",  # the tool's output, forced into the stream, never trained on
+    "<|output_end|>",
+]
+
+# GPT-4's split pattern, except numbers split into runs of 1-2 digits (not 1-3): with a small vocab, fewer
+# number tokens are wasted on 3-digit combinations.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+PKL_NAME = "tokenizer.pkl"
+JSON_NAME = "tokenizer.json"
+TOKEN_BYTES_NAME = "token_bytes.pt"
+HOW_TO_CREATE = "create it with `python -m nanochat.tok_train`"
+
+Conversation = dict[str, Any]  # {"messages": [{"role": ..., "content": ...}, ...]}
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    def get_vocab_size(self) -> int: ...
+    def get_special_tokens(self) -> list[str]: ...
+    def id_to_token(self, id: int) -> str: ...
+    def encode_special(self, name: str) -> int: ...
+    def get_bos_token_id(self) -> int: ...
+    def encode(
+        self,
+        text: str | list[str],
+        prepend: int | str | None = None,
+        append: int | str | None = None,
+        num_threads: int = 8,
+    ) -> list[int] | list[list[int]]: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> list[int] | list[list[int]]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def save(self, tokenizer_dir: str | os.PathLike) -> None: ...
+    def render_conversation(
+        self, conversation: Conversation, max_tokens: int = 2048
+    ) -> tuple[list[int], list[int]]: ...
+    def render_for_completion(self, conversation: Conversation) -> list[int]: ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What both implementations share: special-token lookups and chat rendering (written once, on top of encode)
+
+
+class TokenizerBase:
+    """Subclasses set `_special_ids` and `bos_token_id` and provide `encode`; the rest is shared."""
+
+    _special_ids: dict[str, int]  # special token name -> id
+    bos_token_id: int
+    encode: Callable[..., Any]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[int] | list[list[int]]:
+        return self.encode(*args, **kwargs)
+
+    def get_special_tokens(self) -> list[str]:
+        return sorted(self._special_ids, key=self._special_ids.__getitem__)
+
+    def encode_special(self, name: str) -> int:
+        if name not in self._special_ids:
+            raise KeyError(f"{name!r} is not a special token of this tokenizer ({self.get_special_tokens()})")
+        return self._special_ids[name]
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_token_id
+
+    def _special_id(self, token: int | str | None) -> list[int]:
+        """prepend/append arguments: a special token name, an id, or None (nothing)."""
+        if token is None:
+            return []
+        return [self.encode_special(token) if isinstance(token, str) else token]
+
+    def render_conversation(self, conversation: Conversation, max_tokens: int = 2048) -> tuple[list[int], list[int]]:
+        """Token ids of a whole conversation, and a mask that is 1 where the model is trained: the assistant's
+        own output. Tool output (python_output) and everything outside assistant turns is mask 0.
+        """
+        messages = _merge_system_message(conversation["messages"])
+        special = self.encode_special
+        ids: list[int] = []
+        mask: list[int] = []
+
+        def add(token_ids: int | list[int], mask_value: int) -> None:
+            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+            ids.extend(token_ids)
+            mask.extend([mask_value] * len(token_ids))
+
+        add(self.get_bos_token_id(), 0)
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise ValueError(
+                    f"message {i} has role {message['role']!r} but {expected!r} was expected: messages must "
+                    "alternate user/assistant, starting with user (after an optional system message)"
+                )
+            content = message["content"]
+            if expected == "user":
+                if not isinstance(content, str):
+                    raise ValueError(f"user message {i} content must be a str, got {type(content).__name__}")
+                add(special("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(special("<|user_end|>"), 0)
+                continue
+            add(special("<|assistant_start|>"), 0)
+            if not isinstance(content, str | list):
+                raise ValueError(f"assistant message {i} content must be a str or a list of parts")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                part_ids = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(part_ids, 1)
+                elif part["type"] == "python":
+                    add(special("<|python_start|>"), 1)
+                    add(part_ids, 1)
+                    add(special("<|python_end|>"), 1)
+                elif part["type"] == "python_output":
+                    # Produced by the tool at inference time, so the model must not learn to predict it.
+                    add(special("<|output_start|>"), 0)
+                    add(part_ids, 0)
+                    add(special("<|output_end|>"), 0)
+                else:
+                    raise ValueError(
+                        f"unknown assistant content part type {part['type']!r} in message {i} "
+                        "(expected 'text', 'python' or 'python_output')"
+                    )
+            add(special("<|assistant_end|>"), 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation: Conversation) -> list[int]:
+        """Prompt for the model's next reply: the conversation minus its last (assistant) message, then
+        <|assistant_start|>. Used by RL and generative evals."""
+        messages = conversation["messages"]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("render_for_completion expects a conversation whose last message is the assistant's")
+        ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]})
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def _merge_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat format has no system turn: fold a leading system message into the first user message."""
+    if not messages:
+        raise ValueError("conversation has no messages")
+    if messages[0]["role"] != "system":
+        return messages
+    if len(messages) < 2 or messages[1]["role"] != "user":
+        raise ValueError("a system message must be followed by a user message")
+    first_user = copy.deepcopy(messages[1])  # never mutate the caller's conversation
+    first_user["content"] = messages[0]["content"] + "\n\n" + first_user["content"]
+    return [first_user, *messages[2:]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rustbpe + tiktoken
+
+
+class RustBPETokenizer(TokenizerBase):
+    def __init__(self, enc: tiktoken.Encoding, bos_token: str = "<|bos|>"):
+        self.enc = enc
+        self._special_ids = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
+        self.bos_token_id = self.encode_special(bos_token)
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator: Iterable[str], vocab_size: int) -> RustBPETokenizer:
+        """Train `vocab_size - 9` mergeable ranks (256 bytes + merges); the 9 specials take the last ids."""
+        num_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if num_ranks < 256:
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(text_iterator), num_ranks, pattern=SPLIT_PATTERN)
+        mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        if len(mergeable_ranks) < num_ranks:
+            warnings.warn(
+                f"training text ran out of pairs to merge: the vocab has "
+                f"{len(mergeable_ranks) + len(SPECIAL_TOKENS)} tokens, not the requested {vocab_size}",
+                stacklevel=2,
+            )
+        enc = tiktoken.Encoding(
+            name="rustbpe",
+            pat_str=trainer.get_pattern(),
+            mergeable_ranks=mergeable_ranks,
+            special_tokens={name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)},
+        )
+        return cls(enc)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir: str | os.PathLike) -> RustBPETokenizer:
+        return cls(load_encoding_pickle(Path(tokenizer_dir) / PKL_NAME))
+
+    def save(self, tokenizer_dir: str | os.PathLike) -> None:
+        """Pickle the tiktoken Encoding to `tokenizer.pkl` (the original nanochat format)."""
+        _atomic_write(Path(tokenizer_dir) / PKL_NAME, lambda f: pickle.dump(self.enc, f))
+
+    def get_vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def id_to_token(self, id: int) -> str:
+        return self.enc.decode([id])
+
+    def encode(
+        self,
+        text: str | list[str],
+        prepend: int | str | None = None,
+        append: int | str | None = None,
+        num_threads: int = 8,
+    ) -> list[int] | list[list[int]]:
+        # encode_ordinary never turns "<|bos|>" etc. in the text into special ids: text can't inject them.
+        head, tail = self._special_id(prepend), self._special_id(append)
+        if isinstance(text, str):
+            return head + self.enc.encode_ordinary(text) + tail
+        rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+        return [head + row + tail for row in rows]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HuggingFace tokenizers
+
+
+class HuggingFaceTokenizer(TokenizerBase):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, bos_token: str = "<|bos|>"):
+        self.tokenizer = tokenizer
+        # Added special tokens are matched in the input text by default; make them plain text instead.
+        self.tokenizer.encode_special_tokens = True
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = {token.content: i for i, token in added.items() if token.special}
+        self.bos_token_id = self.encode_special(bos_token)
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
+        num_ranks = vocab_size - len(SPECIAL_TOKENS)
+        if num_ranks < 256:
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        tokenizer = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
+        # Same regex split as rustbpe, then map each byte to a printable char (ByteLevel): no text is unknown.
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(tokenizers.Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=num_ranks,
+            min_frequency=0,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tokenizer.train_from_iterator(iter(text_iterator), trainer)
+        # Added after training so the specials take the last ids, as in RustBPETokenizer.
+        tokenizer.add_special_tokens(SPECIAL_TOKENS)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike) -> HuggingFaceTokenizer:
+        """A local directory holding tokenizer.json, else a HuggingFace Hub id (needs network access)."""
+        if Path(path_or_hub_id).is_dir():
+            return cls.from_directory(path_or_hub_id)
+        return cls(tokenizers.Tokenizer.from_pretrained(str(path_or_hub_id)))
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir: str | os.PathLike) -> HuggingFaceTokenizer:
+        path = Path(tokenizer_dir) / JSON_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}; save one with HuggingFaceTokenizer.save()")
+        return cls(tokenizers.Tokenizer.from_file(str(path)))
+
+    def save(self, tokenizer_dir: str | os.PathLike) -> None:
+        text = self.tokenizer.to_str()
+        _atomic_write(Path(tokenizer_dir) / JSON_NAME, lambda f: f.write(text.encode("utf-8")))
+
+    def get_vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def id_to_token(self, id: int) -> str:
+        return self.decode([id])
+
+    def encode(
+        self,
+        text: str | list[str],
+        prepend: int | str | None = None,
+        append: int | str | None = None,
+        num_threads: int = 8,
+    ) -> list[int] | list[list[int]]:
+        # num_threads is accepted for API parity; `tokenizers` batches on its own Rust thread pool.
+        head, tail = self._special_id(prepend), self._special_id(append)
+        if isinstance(text, str):
+            return head + self.tokenizer.encode(text, add_special_tokens=False).ids + tail
+        rows = self.tokenizer.encode_batch(text, add_special_tokens=False)
+        return [head + row.ids + tail for row in rows]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading tokenizer.pkl safely: a pickle can run arbitrary code, so admit only what a tiktoken Encoding needs
+
+
+class UnsafeTokenizerPickle(pickle.UnpicklingError):
+    """tokenizer.pkl references something other than a tiktoken Encoding built from plain data."""
+
+
+class CorruptTokenizerFile(pickle.UnpicklingError):
+    """tokenizer.pkl is truncated, corrupt, or not a tiktoken Encoding."""
+
+
+class _EncodingState:
+    """Stand-in for tiktoken.core.Encoding while unpickling: it only records the pickled state (a dict of
+    plain data) so we can check it before constructing the real Encoding ourselves."""
+
+    state: object = None
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        # pickle.dumps(Encoding) references exactly one global, tiktoken.core.Encoding (NEWOBJ + BUILD); every
+        # other object in it is a str/bytes/int/dict literal that needs no lookup.
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
+        raise UnsafeTokenizerPickle(
+            f"{self.path} references {module}.{name}; refusing to load it: a tokenizer.pkl may only "
+            f"contain a tiktoken Encoding. Do not load files from untrusted sources; {HOW_TO_CREATE}"
+        )
+
+
+def load_encoding_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
+    """Load a pickled tiktoken Encoding (tokenizer.pkl) without executing code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}; {HOW_TO_CREATE}")
+    try:
+        with open(path, "rb") as f:
+            loaded = _RestrictedUnpickler(f, path).load()
+    except UnsafeTokenizerPickle:
+        raise
+    except Exception as e:  # a damaged pickle can fail in many ways (EOFError, KeyError, ValueError, ...)
+        raise CorruptTokenizerFile(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {HOW_TO_CREATE}") from e
+    if not isinstance(loaded, _EncodingState):
+        raise CorruptTokenizerFile(f"{path} holds a {type(loaded).__name__}, not a tiktoken Encoding")
+    return _encoding_from_state(loaded.state, path)
+
+
+def _encoding_from_state(state: object, path: Path) -> tiktoken.Encoding:
+    # A str state means "the registered encoding of that name", which tiktoken would download: refuse.
+    if not isinstance(state, dict) or set(state) != {"name", "pat_str", "mergeable_ranks", "special_tokens"}:
+        raise CorruptTokenizerFile(f"{path} does not hold a self-contained tiktoken Encoding (state: {state!r:.80})")
+    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    well_typed = (
+        isinstance(state["name"], str)
+        and isinstance(state["pat_str"], str)
+        and isinstance(ranks, dict)
+        and all(type(k) is bytes and type(v) is int for k, v in ranks.items())
+        and isinstance(specials, dict)
+        and all(type(k) is str and type(v) is int for k, v in specials.items())
+    )
+    if not well_typed:
+        raise CorruptTokenizerFile(f"{path} holds a tiktoken Encoding with malformed fields")
+    return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks, special_tokens=specials)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write via a temp file in the same directory, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token_bytes.pt (for bits-per-byte) and loading from the base dir
+
+
+def compute_token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
+    """int32 (V,): UTF-8 byte length of each token's decoded string; 0 for special tokens (bpb skips them).
+
+    As in the original, a token that is an incomplete UTF-8 sequence decodes to U+FFFD (3 bytes).
+    """
+    special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    lengths = [
+        0 if i in special_ids else len(tokenizer.decode([i]).encode("utf-8")) for i in range(tokenizer.get_vocab_size())
+    ]
+    return torch.tensor(lengths, dtype=torch.int32)
+
+
+def save_token_bytes(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> torch.Tensor:
+    token_bytes = compute_token_bytes(tokenizer)
+    _atomic_write(Path(tokenizer_dir) / TOKEN_BYTES_NAME, lambda f: torch.save(token_bytes, f))
+    return token_bytes
+
+
+def get_tokenizer(base_dir: str | os.PathLike | None = None) -> RustBPETokenizer:
+    """The tokenizer in `<base_dir>/tokenizer/` (base_dir: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)."""
+    return RustBPETokenizer.from_directory(_tokenizer_dir(base_dir))
+
+
+def get_token_bytes(device: str | torch.device = "cpu", base_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    path = _tokenizer_dir(base_dir) / TOKEN_BYTES_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no token bytes at {path}; {HOW_TO_CREATE}")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _tokenizer_dir(base_dir: str | os.PathLike | None) -> Path:
+    return Path(base_dir if base_dir is not None else get_base_dir()) / "tokenizer"

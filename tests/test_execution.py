@@ -1,0 +1,302 @@
+"""Tests for the code-execution sandbox: every guard is exercised against a real child process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from nanochat.execution import ExecutionResult, execute_code
+
+
+def run(code: str, **kwargs) -> tuple[ExecutionResult, float]:
+    start = time.monotonic()
+    result = execute_code(textwrap.dedent(code), **kwargs)
+    return result, time.monotonic() - start
+
+
+def assert_blocked(result: ExecutionResult, *words: str) -> None:
+    assert not result.success
+    assert not result.timeout and not result.memory_exceeded
+    assert result.error is not None and result.error.startswith("sandbox:"), result.error
+    for word in words:
+        assert word in result.error
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of live processes in a process group, read from /proc (field 5 of /proc/<pid>/stat)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited while we were looking
+        fields = stat.rsplit(")", 1)[1].split()  # skip "pid (comm)": comm may contain spaces
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+# --- ordinary programs ---------------------------------------------------------------------------------
+
+
+def test_success_captures_stdout_and_stderr():
+    result, _ = run("import sys\nprint('hello')\nprint('warn', file=sys.stderr)")
+    assert result == ExecutionResult(success=True, stdout="hello\n", stderr="warn\n")
+
+
+def test_exception_is_reported_with_its_last_traceback_line():
+    result, _ = run("def f():\n    raise ValueError('boom')\nf()")
+    assert not result.success and not result.timeout and not result.memory_exceeded
+    assert result.error == "ValueError: boom"
+    assert "Traceback" in result.stderr and "line 2, in f" in result.stderr
+
+
+def test_syntax_error_is_reported():
+    result, _ = run("def f(:\n")
+    assert not result.success and result.error.startswith("SyntaxError")
+
+
+def test_humaneval_style_program_passes_and_fails():
+    prompt = 'def add(a: int, b: int) -> int:\n    """Add two numbers."""\n'
+    test = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+    good, _ = run(prompt + "    return a + b\n" + test + "check(add)\n")
+    bad, _ = run(prompt + "    return a - b\n" + test + "check(add)\n")
+    assert good.success and good.error is None
+    assert not bad.success and bad.error.startswith("AssertionError")
+
+
+def test_sys_exit_does_not_count_as_success():
+    # Otherwise a completion could exit before the test code runs and pass HumanEval.
+    result, _ = run("import sys\nsys.exit(0)\n")
+    assert not result.success and "SystemExit" in result.error
+
+
+def test_stdin_is_closed():
+    result, _ = run("input()")
+    assert not result.success and result.error.startswith("EOFError")
+
+
+def test_output_is_capped():
+    result, _ = run("print('x' * 3_000_000)")
+    assert result.success
+    assert len(result.stdout) < 1_100_000
+    assert result.stdout.endswith("[output truncated]\n")
+
+
+def test_no_memory_limit_when_none():
+    result, _ = run("x = bytearray(300 * 1024 * 1024)\nprint(len(x))", maximum_memory_bytes=None)
+    assert result.success and result.stdout == f"{300 * 1024 * 1024}\n"
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+def test_writing_inside_the_working_directory_works():
+    result, _ = run(
+        """
+        import os, pathlib, tempfile
+        with open("out.txt", "w") as f:
+            f.write("data")
+        pathlib.Path("sub").mkdir()
+        pathlib.Path("sub/a.txt").write_text("more")
+        os.rename("sub/a.txt", "sub/b.txt")
+        fd, name = tempfile.mkstemp()  # TMPDIR points into the sandbox
+        os.close(fd)
+        os.remove(name)
+        print(open("out.txt").read(), sorted(os.listdir(".")), os.listdir("sub"))
+        """
+    )
+    assert result.success, result.stderr
+    assert result.stdout == "data ['out.txt', 'sub'] ['b.txt']\n"
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "open(TARGET, 'w').write('x')",
+        "open(TARGET, 'a').write('x')",
+        "import pathlib; pathlib.Path(TARGET).write_text('x')",
+        "import os; os.close(os.open(TARGET, os.O_WRONLY | os.O_CREAT))",
+        "import os; d = os.open(os.path.dirname(TARGET), os.O_RDONLY); "
+        "os.open(os.path.basename(TARGET), os.O_WRONLY | os.O_CREAT, dir_fd=d)",
+        "import os; open(os.path.relpath(TARGET), 'w')",  # ../../ out of the working directory
+        "import shutil; open('x', 'w').close(); shutil.copy('x', TARGET)",
+        "import sqlite3; sqlite3.connect(TARGET).execute('create table t (x)')",
+    ],
+)
+def test_writing_outside_the_working_directory_is_blocked(tmp_path, how):
+    target = tmp_path / "escaped.txt"
+    result, _ = run(f"TARGET = {str(target)!r}\n{how}\n")
+    assert_blocked(result, "writing")
+    assert not target.exists()
+
+
+def test_existing_files_outside_cannot_be_modified_through_links(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    for how in ("os.link(VICTIM, 'l')", "os.symlink(VICTIM, 'l')", "os.rename(VICTIM, 'l')"):
+        result, _ = run(f"import os\nVICTIM = {str(victim)!r}\n{how}\nopen('l', 'w').write('changed')\n")
+        assert_blocked(result)
+    assert victim.read_text() == "original"
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "import os; os.system('rm -rf ' + VICTIM)",
+        "import shutil; shutil.rmtree(VICTIM)",
+        "import os; os.remove(VICTIM + '/keep.txt')",
+        "import posix; posix.unlink(VICTIM + '/keep.txt')",  # bypasses the os stubs: the audit hook stops it
+        "import os; os.chmod(VICTIM + '/keep.txt', 0)",
+        "import os; os.truncate(VICTIM + '/keep.txt', 0)",
+    ],
+)
+def test_destructive_calls_are_blocked(tmp_path, how):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    result, _ = run(f"VICTIM = {str(victim)!r}\n{how}\n")
+    assert_blocked(result)
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert (victim / "keep.txt").stat().st_mode & 0o777 != 0
+
+
+def test_a_caught_violation_still_fails_the_run():
+    result, _ = run("import os\ntry:\n    os.system('true')\nexcept Exception:\n    pass\nprint('done')\n")
+    assert_blocked(result, "os.system")
+    assert result.stdout == "done\n"
+
+
+# --- network -------------------------------------------------------------------------------------------
+
+
+def test_network_connect_is_blocked():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        result, _ = run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n")
+        assert_blocked(result, "network")
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing reached the server
+            server.accept()
+
+
+def test_name_resolution_and_urllib_are_blocked():
+    result, _ = run("import urllib.request\nurllib.request.urlopen('http://example.com', timeout=2)\n")
+    assert_blocked(result, "network")
+
+
+def has_cap_sys_admin() -> bool:
+    status = Path("/proc/self/status").read_text()
+    cap_eff = next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:"))
+    return bool(int(cap_eff, 16) & (1 << 21))
+
+
+@pytest.mark.skipif(not has_cap_sys_admin(), reason="needs CAP_SYS_ADMIN to create a network namespace")
+def test_child_runs_in_its_own_network_namespace():
+    # Best effort in general, but with CAP_SYS_ADMIN it must succeed: the second layer behind the audit hook.
+    result, _ = run("import os\nprint(os.readlink('/proc/self/ns/net'))\n")
+    assert result.success
+    assert result.stdout.strip() != os.readlink("/proc/self/ns/net")
+
+
+# --- processes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        "import os\nwhile True:\n    os.fork()\n",
+        "import posix\nwhile True:\n    posix.fork()\n",  # the same functions under another module
+        "import multiprocessing\nwhile True:\n    multiprocessing.Process(target=print).start()\n",
+    ],
+)
+def test_fork_bomb_is_blocked(bomb):
+    result, elapsed = run(bomb, timeout=5.0)
+    assert_blocked(result, "fork")
+    assert elapsed < 3.0
+
+
+@pytest.mark.parametrize(
+    "spawn",
+    [
+        "import subprocess; subprocess.run(['echo', 'hi'])",
+        "import os; os.popen('echo hi').read()",
+        "import os; os.execv('/bin/echo', ['echo', 'hi'])",
+        "import os; os.posix_spawn('/bin/echo', ['echo', 'hi'], {})",
+        "import sys; del sys.modules['subprocess']; import subprocess",  # fresh copy needs _posixsubprocess
+        "import ctypes",
+    ],
+)
+def test_process_spawning_and_native_code_are_blocked(spawn):
+    result, elapsed = run(spawn)
+    assert_blocked(result)
+    assert "hi" not in result.stdout
+    assert elapsed < 3.0
+
+
+def test_signalling_the_parent_is_blocked():
+    result, _ = run("import os, signal\nos.kill(os.getppid(), signal.SIGTERM)\n")
+    assert_blocked(result, "os.kill")
+
+
+# --- limits --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["while True:\n    pass\n", "import time\ntime.sleep(60)\n"])
+def test_infinite_loop_times_out(loop):
+    result, elapsed = run(loop, timeout=1.0)
+    assert result.timeout and not result.success
+    assert "timed out" in result.error
+    assert 1.0 <= elapsed < 3.0
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    [
+        "x = bytearray(2 * 1024 ** 3)\n",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 6))\n",
+        "s = 'x'\nwhile True:\n    s = s + s\n",
+    ],
+)
+def test_memory_bomb_is_stopped(bomb):
+    result, elapsed = run(bomb, timeout=5.0)
+    assert result.memory_exceeded and not result.success and not result.timeout
+    assert elapsed < 4.0
+
+
+def test_file_size_is_capped():
+    result, _ = run("open('big', 'wb').write(b'x' * (32 * 1024 * 1024))\n")
+    assert not result.success and "File too large" in result.error
+
+
+# --- cleanup and concurrency ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout_run", [False, True])
+def test_no_processes_or_temp_dirs_are_left_behind(timeout_run):
+    tail = "import time\ntime.sleep(60)\n" if timeout_run else ""
+    result, _ = run(f"import os\nprint(os.getpid(), os.getcwd(), flush=True)\n{tail}", timeout=1.0)
+    assert result.timeout == timeout_run
+    pid, cwd = result.stdout.split()
+    assert process_group_members(int(pid)) == []  # the child ran in its own group, now empty
+    assert not os.path.exists(f"/proc/{pid}")
+    assert "nanochat-sandbox-" in cwd and not os.path.exists(cwd)
+
+
+def test_concurrent_calls_from_threads():
+    programs = [f"print({i} * {i})" for i in range(3)] + ["while True:\n    pass\n"]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda code: execute_code(code, timeout=1.5), programs))
+    assert [r.stdout for r in results[:3]] == ["0\n", "1\n", "4\n"]
+    assert all(r.success for r in results[:3])
+    assert results[3].timeout
