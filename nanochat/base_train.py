@@ -21,7 +21,7 @@ import torch
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.dataloader import DistributedTokenLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -193,13 +193,14 @@ def train(args, user_config, ddp, rank, world_size, device, master, reporter) ->
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
     def loader(split, state=None):
-        return tokenizing_distributed_data_loader(tokenizer, args.device_batch_size, args.max_seq_len, split,
-                                                  device, rank, world_size, state, args.data_dir)
+        return DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, split, device, rank,
+                                      world_size, args.data_dir, state)
 
     train_loader = loader("train", loader_state)
-    x, y, next_state = next(train_loader)
-    # The state to save is the position *before* the prefetched batch (x, y), so a resume re-reads it.
-    state_before_xy = loader_state or {"epoch": 0, "pq_idx": 0, "rg_idx": rank, "offset": 0}
+    # Batches are prefetched one ahead; a checkpoint records where the prefetched batch (x, y) starts, so a
+    # resumed run trains on exactly that batch next.
+    state_before_xy = train_loader.state_dict()
+    x, y = next(train_loader)
 
     smooth_loss = loop_state["smooth_train_loss"]
     total_time = loop_state["total_training_time"]
@@ -246,8 +247,8 @@ def train(args, user_config, ddp, rank, world_size, device, master, reporter) ->
                 loss = train_model(x, y)
             train_loss = loss.detach()
             (loss / grad_accum_steps).backward()
-            state_before_xy = next_state
-            x, y, next_state = next(train_loader)
+            state_before_xy = train_loader.state_dict()
+            x, y = next(train_loader)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)

@@ -15,14 +15,14 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float:
-    """Average bpb over `steps` (inputs, targets, ...) batches; all-reduced across ranks under DDP."""
+    """Average bpb over `steps` (inputs, targets) batches; all-reduced across ranks under DDP."""
     device = model.get_device()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     token_bytes = token_bytes.to(device)
     batch_iter = iter(batches)
     for _ in range(steps):
-        x, y = next(batch_iter)[:2]
+        x, y = next(batch_iter)
         loss = model(x, y, loss_reduction="none").view(-1)  # nats per target position
         y = y.view(-1)
         valid = y >= 0

@@ -2,7 +2,7 @@
 Muon: momentum SGD whose update for each 2-D weight matrix is orthogonalised (all singular values pushed
 towards 1) with a quintic Newton-Schulz iteration, so every direction of the matrix learns at a similar rate.
 
-Distributed: parameters of equal size are processed in blocks of `world_size`. Gradients are
+Distributed: parameters of equal shape are processed in blocks of `world_size`. Gradients are
 reduce-scattered so rank r owns (and keeps momentum for) parameter r of each block, orthogonalises only that
 one, and the updated parameters are all-gathered back. Optimizer state is therefore sharded across ranks.
 """
@@ -48,9 +48,9 @@ class Muon(torch.optim.Optimizer):
             if p.ndim != 2:
                 raise ValueError(f"Muon only takes 2-D matrices; got a parameter of shape {tuple(p.shape)}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
-        # One group per parameter size, so a block of world_size params can be stacked for collectives.
-        sizes = sorted({p.numel() for p in params})
-        groups = [{"params": [p for p in params if p.numel() == n]} for n in sizes]
+        # One group per parameter shape, so a block of world_size params can be stacked for collectives.
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [{"params": [p for p in params if tuple(p.shape) == s]} for s in shapes]
         super().__init__(groups, defaults)
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:

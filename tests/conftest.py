@@ -39,3 +39,14 @@ def small_tokenizer(shared_data):
     from nanochat.tokenizer import RustBPETokenizer
 
     return RustBPETokenizer.train_from_iterator(iter(shard_texts(shared_data, 0, 1_000_000)), 512)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_base_dir(tmp_path_factory, small_tokenizer):
+    """A NANOCHAT_BASE_DIR holding only tokenizer/ (tokenizer.pkl + token_bytes.pt) of `small_tokenizer`."""
+    from nanochat.tokenizer import save_token_bytes
+
+    base = tmp_path_factory.mktemp("base")
+    small_tokenizer.save(base / "tokenizer")
+    save_token_bytes(small_tokenizer, base / "tokenizer")
+    return base
