@@ -19,7 +19,69 @@ import torch
 from nanochat.dataset import open_shard, split_files
 
 
-class DistributedTokenLoader:
+class TokenPacker:
+    """
+    Pack a stream of token chunks (documents, row groups, conversations) into (B, T) batches.
+
+    `chunks_from(position)` yields (position, tokens) forever, starting at `position` (a dict). The state is the
+    position of the chunk at the head of the buffer plus how many of its tokens were consumed, so a packer
+    built from that state yields exactly the batch that would have come next.
+    """
+
+    def __init__(self, chunks_from, B: int, T: int, device: str | torch.device, state: dict):
+        self.chunks_from, self.B, self.T = chunks_from, B, T
+        self.device = torch.device(device)
+        self.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        """Where the next batch starts: the head chunk's position and `offset`, its tokens already consumed."""
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = dict(state)
+        position = {k: v for k, v in state.items() if k != "offset"}
+        self._source = self.chunks_from(position)
+        self._chunks: deque[list] = deque()  # [position, tokens, consumed]
+        self._available = 0
+        self._fill(1)
+        self._chunks[0][2] = state.get("offset", 0)
+        self._available -= self._chunks[0][2]
+
+    def _fill(self, needed: int) -> None:
+        while self._available < needed:
+            position, tokens = next(self._source)
+            self._chunks.append([position, tokens, 0])
+            self._available += len(tokens)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = self.B * self.T + 1
+        self._fill(needed)
+        batch: list[int] = []
+        while len(batch) < needed:
+            chunk = self._chunks[0]
+            take = min(needed - len(batch), len(chunk[1]) - chunk[2])
+            batch.extend(chunk[1][chunk[2] : chunk[2] + take])
+            chunk[2] += take
+            if chunk[2] == len(chunk[1]):
+                self._chunks.popleft()
+        self._available -= needed
+        self._fill(1)  # keep a head chunk, so the state always names where the next batch starts
+        head = self._chunks[0]
+        self._state = {**head[0], "offset": head[2]}
+
+        use_cuda = self.device.type == "cuda"
+        buf = torch.tensor(batch, dtype=torch.long, pin_memory=use_cuda)
+        inputs = buf[:-1].view(self.B, self.T).to(self.device, non_blocking=use_cuda)
+        targets = buf[1:].view(self.B, self.T).to(self.device, non_blocking=use_cuda)
+        return inputs, targets
+
+
+class DistributedTokenLoader(TokenPacker):
+    """Pretraining batches from parquet shards: rank r tokenizes row groups r, r+W, ... of every shard."""
+
     def __init__(
         self,
         tokenizer,
@@ -34,28 +96,17 @@ class DistributedTokenLoader:
         tokenizer_threads: int = 4,
         tokenizer_batch_size: int = 128,
     ):
-        self.tokenizer, self.B, self.T, self.split = tokenizer, B, T, split
-        self.device = torch.device(device)
-        self.rank, self.world_size, self.data_dir = rank, world_size, data_dir
+        self.tokenizer, self.split = tokenizer, split
+        self.rank, self.world_size = rank, world_size
         self.tokenizer_threads, self.tokenizer_batch_size = tokenizer_threads, tokenizer_batch_size
         self.bos = tokenizer.get_bos_token_id()
         self.files = split_files(split, data_dir)
-        self.load_state_dict(state or {"epoch": 0, "pq_idx": 0, "rg_idx": rank, "offset": 0})
+        start = state or {"epoch": 0, "pq_idx": 0, "rg_idx": rank, "offset": 0}
+        super().__init__(self._row_groups, B, T, device, start)
 
-    def state_dict(self) -> dict:
-        """Where the next batch starts: {epoch, pq_idx, rg_idx, offset (tokens of that row group consumed)}."""
-        return dict(self._state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self._state = {k: int(state[k]) for k in ("epoch", "pq_idx", "rg_idx", "offset")}
-        # Each chunk is [epoch, pq_idx, rg_idx, tokens, consumed]; the head chunk is where the next batch starts.
-        self._chunks: deque[list] = deque()
-        self._available = 0
-        self._source = self._row_groups(self._state["epoch"], self._state["pq_idx"], self._state["rg_idx"])
-        self._skip = self._state["offset"]
-
-    def _row_groups(self, epoch: int, pq_start: int, rg_start: int) -> Iterator[tuple[int, int, int, list[str]]]:
-        """Yield (epoch, pq_idx, rg_idx, texts) forever (multi-epoch), from the given position on."""
+    def _row_groups(self, position: dict) -> Iterator[tuple[dict, list[int]]]:
+        """Yield ({epoch, pq_idx, rg_idx}, tokens) forever (multi-epoch), from `position` on."""
+        epoch, pq_start, rg_start = position["epoch"], position["pq_idx"], position["rg_idx"]
         while True:
             yielded = False
             for pq_idx in range(pq_start, len(self.files)):
@@ -64,7 +115,7 @@ class DistributedTokenLoader:
                 for rg_idx in range(first, pf.num_row_groups, self.world_size):
                     texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
                     yielded = True
-                    yield epoch, pq_idx, rg_idx, texts
+                    yield {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx}, self._tokenize(texts)
             if not yielded and (pq_start, rg_start) == (0, self.rank):
                 # A whole epoch from the start gave this rank nothing: it would spin forever.
                 raise ValueError(
@@ -73,44 +124,11 @@ class DistributedTokenLoader:
                 )
             epoch, pq_start, rg_start = epoch + 1, 0, self.rank
 
-    def _fill(self, needed: int) -> None:
-        while self._available < needed:
-            epoch, pq_idx, rg_idx, texts = next(self._source)
-            tokens: list[int] = []
-            for i in range(0, len(texts), self.tokenizer_batch_size):
-                docs = self.tokenizer.encode(texts[i : i + self.tokenizer_batch_size], prepend=self.bos,
-                                             num_threads=self.tokenizer_threads)
-                for doc in docs:
-                    tokens.extend(doc)
-            self._chunks.append([epoch, pq_idx, rg_idx, tokens, self._skip])
-            self._available += len(tokens) - self._skip
-            self._skip = 0
-
-    def __iter__(self) -> DistributedTokenLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = self.B * self.T + 1
-        self._fill(needed)
-        batch: list[int] = []
-        while len(batch) < needed:
-            chunk = self._chunks[0]
-            take = min(needed - len(batch), len(chunk[3]) - chunk[4])
-            batch.extend(chunk[3][chunk[4] : chunk[4] + take])
-            chunk[4] += take
-            if chunk[4] == len(chunk[3]):
-                last = self._chunks.popleft()
-        self._available -= needed
-        if self._chunks:
-            head = self._chunks[0]
-            self._state = {"epoch": head[0], "pq_idx": head[1], "rg_idx": head[2], "offset": head[4]}
-        else:
-            # Buffer empty: the next batch starts at this rank's row group after the last one consumed
-            # (past the end of a shard, _row_groups simply moves on to the next shard or epoch).
-            self._state = {"epoch": last[0], "pq_idx": last[1], "rg_idx": last[2] + self.world_size, "offset": 0}
-
-        use_cuda = self.device.type == "cuda"
-        buf = torch.tensor(batch, dtype=torch.long, pin_memory=use_cuda)
-        inputs = buf[:-1].view(self.B, self.T).to(self.device, non_blocking=use_cuda)
-        targets = buf[1:].view(self.B, self.T).to(self.device, non_blocking=use_cuda)
-        return inputs, targets
+    def _tokenize(self, texts: list[str]) -> list[int]:
+        tokens: list[int] = []
+        for i in range(0, len(texts), self.tokenizer_batch_size):
+            docs = self.tokenizer.encode(texts[i : i + self.tokenizer_batch_size], prepend=self.bos,
+                                         num_threads=self.tokenizer_threads)
+            for doc in docs:
+                tokens.extend(doc)
+        return tokens
