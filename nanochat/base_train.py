@@ -15,29 +15,26 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import (
+    autocast_for,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    gpu_peak_flops,
+    print0,
+    set_lr_multiplier,
+    synchronize,
+)
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.pipes import PipesReporter
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-
-# bf16 dense peak FLOP/s by device name fragment (datasheet numbers, without sparsity).
-PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,10 +133,7 @@ def main(argv=None) -> dict:
 
 
 def train(args, user_config, ddp, rank, world_size, device, master, reporter) -> dict:
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    autocast = (torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if dtype_name == "bfloat16" else nullcontext())
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = autocast_for(device, args.dtype)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
@@ -240,7 +234,7 @@ def train(args, user_config, ddp, rank, world_size, device, master, reporter) ->
             break
 
         # One optimizer step: grad_accum_steps micro-batches, then AdamW + Muon.
-        sync()
+        synchronize(device)
         t0 = time.time()
         for _ in range(grad_accum_steps):
             with autocast:
@@ -252,15 +246,13 @@ def train(args, user_config, ddp, rank, world_size, device, master, reporter) ->
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_lr_multiplier(optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        sync()
+        synchronize(device)
         dt = time.time() - t0
         step += 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -139,3 +140,40 @@ def all_reduce_avg(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(dist.get_world_size())
     return t
+
+
+# -----------------------------------------------------------------------------
+# Small pieces every training script shares
+
+
+# bf16 dense peak FLOP/s by device name fragment (datasheet numbers, without sparsity); first match wins.
+PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def autocast_for(device: torch.device, dtype: str = ""):
+    """bf16 autocast by default on CUDA; fp32 elsewhere (CPU bf16 matmuls are ~100x slower without AVX-512)."""
+    dtype = dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype must be bfloat16 or float32, got {dtype!r}")
+    return torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
+def set_lr_multiplier(optimizers, multiplier: float) -> None:
+    """Every group's lr = its initial lr x multiplier (set_optimizers stores initial_lr)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -132,3 +132,85 @@ class DistributedTokenLoader(TokenPacker):
             for doc in docs:
                 tokens.extend(doc)
         return tokens
+
+
+class ConversationTokenLoader(TokenPacker):
+    """
+    Mid-training batches: conversations rendered to tokens and packed into one stream, like documents.
+    The loss covers every token (the model learns the chat format itself). Rank r takes conversations
+    r, r+W, ...; the position {epoch, index} makes progress through the mixture easy to read off.
+    """
+
+    def __init__(self, tokenizer, dataset, B: int, T: int, device: str | torch.device = "cpu", rank: int = 0,
+                 world_size: int = 1, state: dict | None = None, max_tokens: int = 4096):
+        if len(dataset) <= rank:
+            raise ValueError(f"dataset of {len(dataset)} conversations is too small for rank {rank}")
+        self.tokenizer, self.dataset = tokenizer, dataset
+        self.rank, self.world_size, self.max_tokens = rank, world_size, max_tokens
+        super().__init__(self._conversations, B, T, device, state or {"epoch": 0, "index": rank, "offset": 0})
+
+    def progress(self) -> float:
+        """Epochs completed, fractional: 0.5 = halfway through the mixture."""
+        return self._state["epoch"] + self._state["index"] / len(self.dataset)
+
+    def _conversations(self, position: dict) -> Iterator[tuple[dict, list[int]]]:
+        epoch, index = position["epoch"], position["index"]
+        while True:
+            for i in range(index, len(self.dataset), self.world_size):
+                ids, _ = self.tokenizer.render_conversation(self.dataset[i], max_tokens=self.max_tokens)
+                yield {"epoch": epoch, "index": i}, ids
+            epoch, index = epoch + 1, self.rank
+
+
+class SFTBatchLoader:
+    """
+    SFT batches: B whole conversations per batch, right-padded, with targets -1 wherever the render mask is 0
+    (user turns, tool outputs, padding), so only the assistant's tokens are learned. Conversations longer than
+    T+1 tokens are cropped. Rank r takes conversations r, r+W, ...; state = the next {epoch, index}.
+    """
+
+    def __init__(self, tokenizer, dataset, B: int, T: int, device: str | torch.device = "cpu", rank: int = 0,
+                 world_size: int = 1, state: dict | None = None):
+        if len(dataset) <= rank:
+            raise ValueError(f"dataset of {len(dataset)} conversations is too small for rank {rank}")
+        self.tokenizer, self.dataset, self.B, self.T = tokenizer, dataset, B, T
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id works: its targets are masked
+        self.load_state_dict(state or {"epoch": 0, "index": rank})
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {"epoch": int(state["epoch"]), "index": int(state["index"])}
+
+    def progress(self) -> float:
+        return self._state["epoch"] + self._state["index"] / len(self.dataset)
+
+    def _next_conversation(self) -> dict:
+        epoch, index = self._state["epoch"], self._state["index"]
+        conversation = self.dataset[index]
+        index += self.world_size
+        if index >= len(self.dataset):
+            epoch, index = epoch + 1, self.rank
+        self._state = {"epoch": epoch, "index": index}
+        return conversation
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.tokenizer.render_conversation(self._next_conversation(), max_tokens=self.T + 1)
+                for _ in range(self.B)]
+        width = max(len(ids) for ids, _ in rows) - 1
+        inputs = torch.full((self.B, width), self.pad_id, dtype=torch.long)
+        targets = torch.full((self.B, width), -1, dtype=torch.long)
+        for i, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            inputs[i, :n] = torch.tensor(ids[:-1])
+            row_targets = torch.tensor(ids[1:])
+            row_targets[torch.tensor(mask[1:]) == 0] = -1
+            targets[i, :n] = row_targets
+        use_cuda = self.device.type == "cuda"
+        return inputs.to(self.device, non_blocking=use_cuda), targets.to(self.device, non_blocking=use_cuda)

@@ -39,6 +39,8 @@ class PipesReporter:
     def result(self, metadata: dict, asset_key: str | None = None) -> None:
         """The materialization metadata of the asset this run produces (checkpoint URI, losses, ...)."""
         if self._ctx is not None:
+            # Dagster metadata values must be JSON scalars/containers; drop the unknowns (None).
+            metadata = {k: v for k, v in metadata.items() if v is not None}
             self._ctx.report_asset_materialization(metadata=metadata, asset_key=asset_key)
 
     def close(self, exc: BaseException | None = None) -> None:

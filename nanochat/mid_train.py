@@ -1,0 +1,179 @@
+"""
+Mid-training: teach a base model the conversation format, tool use (calculator), multiple choice and spelling,
+by continuing pretraining on a mixture of rendered conversations (loss on every token), for one epoch.
+
+    python -m nanochat.mid_train --device-batch-size=16
+    torchrun --standalone --nproc_per_node=8 -m nanochat.mid_train
+
+Loads the latest base checkpoint (or --model-tag/--step), writes <base_dir>/mid_checkpoints/<tag>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.common import (
+    autocast_for,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    is_distributed,
+    print0,
+    set_lr_multiplier,
+    synchronize,
+)
+from nanochat.dataloader import ConversationTokenLoader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.pipes import PipesReporter
+from nanochat.tasks import mid_train_mixture, mid_train_val
+from nanochat.tokenizer import get_token_bytes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Mid-train a base model on a conversation mixture")
+    p.add_argument("--device-type", default="")
+    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda)")
+    p.add_argument("--model-tag", default=None, help="base model tag to start from (default: largest)")
+    p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: last)")
+    p.add_argument("--max-seq-len", type=int, default=0, help="default: the base model's sequence_len")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
+    p.add_argument("--num-iterations", type=int, default=-1, help="default: one epoch of the mixture")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--init-lr-frac", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
+    p.add_argument("--save-every", type=int, default=-1)
+    p.add_argument("--data-dir", default=None, help="local task data (default: hub, else shared data)")
+    p.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--log-every", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def lr_multiplier(progress: float) -> float:
+    """Constant for the first 80% of the epoch, then linearly down to 0."""
+    return 1.0 if progress < 0.8 else max(0.0, 1 - (progress - 0.8) / 0.2)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
+    reporter = PipesReporter()
+    try:
+        return train(args, rank, world_size, device, reporter)
+    except BaseException as e:
+        reporter.close(e)
+        raise
+    finally:
+        reporter.close()
+        compute_cleanup()
+
+
+def train(args, rank, world_size, device, reporter) -> dict:
+    autocast = autocast_for(device, args.dtype)
+    model, tokenizer, base_meta = load_model("base", device, phase="train", model_tag=args.model_tag, step=args.step)
+    T = args.max_seq_len or model.config.sequence_len
+    B = args.device_batch_size
+    tokens_per_fwdbwd = B * T * world_size
+    if args.total_batch_size % tokens_per_fwdbwd:
+        raise SystemExit(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size x "
+                         f"max_seq_len x world_size = {tokens_per_fwdbwd}")
+    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+    optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+
+    tag = args.model_tag or f"d{model.config.n_layer}"
+    checkpoint_dir = get_base_dir() / "mid_checkpoints" / tag
+    step, loader_state, val_bpb = 0, None, None
+    if args.resume:
+        step = find_last_step(checkpoint_dir)
+        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+        model.load_state_dict(model_data, strict=True)
+        for opt, state in zip(optimizers, optim_data):
+            opt.load_state_dict(state)
+        loader_state, val_bpb = meta["dataloader_state_dict"], meta.get("val_bpb")
+        print0(f"resumed mid-training from {checkpoint_dir} step {step}")
+
+    train_set, val_set = mid_train_mixture(args.data_dir, seed=args.seed), mid_train_val(args.data_dir)
+    print0(f"mixture: {len(train_set):,} conversations; val: {len(val_set):,}; grad accumulation {grad_accum_steps}")
+    train_loader = ConversationTokenLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
+    token_bytes = get_token_bytes(device=device)
+    eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+
+    def progress() -> float:
+        if args.num_iterations > 0:
+            return step / args.num_iterations
+        return train_loader.progress()
+
+    def is_last_step() -> bool:
+        done = torch.tensor(int(progress() >= 1.0), device=device)
+        if is_distributed():  # ranks must agree, or one would wait in a collective forever
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        return bool(done.item())
+
+    losses: list[float] = []
+    state_before_xy = train_loader.state_dict()
+    x, y = next(train_loader)
+    smooth, tok_per_sec = 0.0, 0.0
+    while True:
+        last_step = is_last_step()
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            with autocast:
+                val_loader = ConversationTokenLoader(tokenizer, val_set, B, T, device, rank, world_size)
+                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            reporter.metrics(step, val_bpb=val_bpb)
+            model.train()
+        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
+            meta = {"step": step, "val_bpb": val_bpb, "model_config": model.config.to_dict(),
+                    "user_config": vars(args), "base_checkpoint_step": base_meta.get("step"),
+                    "dataloader_state_dict": state_before_xy, "progress": progress()}
+            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
+                            meta, rank=rank)
+        if last_step:
+            break
+
+        synchronize(device)
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            with autocast:
+                loss = model(x, y)
+            (loss / grad_accum_steps).backward()
+            state_before_xy = train_loader.state_dict()
+            x, y = next(train_loader)
+        lrm = lr_multiplier(progress())
+        set_lr_multiplier(optimizers, lrm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+        dt = time.time() - t0
+        step += 1
+        smooth = 0.9 * smooth + 0.1 * loss.item()
+        losses.append(smooth / (1 - 0.9**step))
+        tok_per_sec = args.total_batch_size / dt
+        if step % args.log_every == 0:
+            print0(f"step {step:05d} ({100 * progress():.1f}%) | loss {losses[-1]:.4f} | lrm {lrm:.2f} | "
+                   f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}")
+            reporter.metrics(step, loss=losses[-1], progress=progress())
+
+    summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
+               "final_loss": losses[-1] if losses else None, "tok_per_sec": tok_per_sec, "losses": losses}
+    reporter.result({k: v for k, v in summary.items() if k != "losses"})
+    return summary
+
+
+if __name__ == "__main__":
+    main()
