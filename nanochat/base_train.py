@@ -18,11 +18,9 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import find_last_step, load_training_state, save_checkpoint
 from nanochat.common import (
     autocast_for,
-    compute_cleanup,
-    compute_init,
     get_base_dir,
     gpu_peak_flops,
     print0,
@@ -33,7 +31,7 @@ from nanochat.dataloader import DistributedTokenLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.pipes import PipesReporter
+from nanochat.pipes import run_training
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 
@@ -117,22 +115,11 @@ def sample_prompts(model, tokenizer, max_tokens: int = 16) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    user_config = vars(args).copy()
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None, seed=args.seed)
-    master = rank == 0
-    reporter = PipesReporter()
-    try:
-        return train(args, user_config, ddp, rank, world_size, device, master, reporter)
-    except BaseException as e:
-        reporter.close(e)
-        raise
-    finally:
-        reporter.close()
-        compute_cleanup()
+    return run_training(train, parse_args(argv))
 
 
-def train(args, user_config, ddp, rank, world_size, device, master, reporter) -> dict:
+def train(args, rank, world_size, device, reporter) -> dict:
+    user_config, master = vars(args).copy(), rank == 0
     autocast = autocast_for(device, args.dtype)
 
     tokenizer = get_tokenizer()
@@ -171,17 +158,11 @@ def train(args, user_config, ddp, rank, world_size, device, master, reporter) ->
     val_bpb = None
     if args.resume or args.resume_from_step >= 0:
         step = args.resume_from_step if args.resume_from_step >= 0 else find_last_step(checkpoint_dir)
-        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-        if meta["model_config"] != config.to_dict():
-            raise SystemExit(f"cannot resume: checkpoint model_config {meta['model_config']} != {config.to_dict()}")
-        model.load_state_dict(model_data, strict=True)
-        for opt, state in zip(optimizers, optim_data):
-            opt.load_state_dict(state)
+        meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
         loader_state = meta["dataloader_state_dict"]
         loop_state = meta["loop_state"]
         val_bpb = meta.get("val_bpb")
         print0(f"resumed from {checkpoint_dir} step {step}")
-        del model_data, optim_data
 
     use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model

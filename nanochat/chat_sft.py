@@ -15,20 +15,19 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import find_last_step, load_model, load_training_state, save_checkpoint
 from nanochat.common import (
     all_reduce_avg,
     autocast_for,
-    compute_cleanup,
-    compute_init,
     get_base_dir,
     is_distributed,
     print0,
+    scale_initial_lr,
     set_lr_multiplier,
     synchronize,
 )
 from nanochat.dataloader import SFTBatchLoader
-from nanochat.pipes import PipesReporter
+from nanochat.pipes import run_training
 from nanochat.tasks import sft_mixture, sft_val
 
 
@@ -60,17 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
-    reporter = PipesReporter()
-    try:
-        return train(args, rank, world_size, device, reporter)
-    except BaseException as e:
-        reporter.close(e)
-        raise
-    finally:
-        reporter.close()
-        compute_cleanup()
+    return run_training(train, parse_args(argv))
 
 
 @torch.no_grad()
@@ -106,19 +95,14 @@ def train(args, rank, world_size, device, reporter) -> dict:
            f"{args.examples_per_step} conversations ({grad_accum_steps} accumulation steps)")
 
     optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+    scale_initial_lr(optimizers, args.init_lr_frac)
 
     tag = args.model_tag or f"d{model.config.n_layer}"
     checkpoint_dir = get_base_dir() / "chatsft_checkpoints" / tag
     step, loader_state, val_loss = 0, None, None
     if args.resume:
         step = find_last_step(checkpoint_dir)
-        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-        model.load_state_dict(model_data, strict=True)
-        for opt, state in zip(optimizers, optim_data):
-            opt.load_state_dict(state)
+        meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
         loader_state, val_loss = meta["dataloader_state_dict"], meta.get("val_loss")
         print0(f"resumed SFT from {checkpoint_dir} step {step}")
     train_loader = SFTBatchLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
@@ -137,7 +121,8 @@ def train(args, rank, world_size, device, reporter) -> dict:
             model.train()
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
             meta = {"step": step, "val_loss": val_loss, "model_config": model.config.to_dict(),
-                    "user_config": vars(args), "source": args.source, "source_step": source_meta.get("step"),
+                    "user_config": vars(args), "world_size": world_size, "source": args.source,
+                    "source_step": source_meta.get("step"),
                     "dataloader_state_dict": train_loader.state_dict()}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)

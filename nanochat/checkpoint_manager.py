@@ -16,12 +16,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 
 logger = logging.getLogger("nanochat")
@@ -42,31 +41,12 @@ class CheckpointError(RuntimeError):
 # Atomic writes
 
 
-def _atomic_write(path: Path, write_fn) -> None:
-    """Write through write_fn(file) to a temp file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave nothing half-written behind, whatever went wrong (disk full, KeyboardInterrupt, ...).
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json_save(obj, path: str | os.PathLike) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode("utf-8")))
 
 
 # -----------------------------------------------------------------------------
@@ -148,6 +128,25 @@ def load_checkpoint(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"metadata file {mpath} is not valid JSON: {e}") from e
     return model_data, optimizer_data, meta_data
+
+
+def load_training_state(checkpoint_dir, step: int, model, optimizers, device, rank: int, world_size: int) -> dict:
+    """Restore the model and this rank's optimizer shard from a saved step, for --resume; return its meta."""
+    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    saved_world = meta.get("world_size", world_size)
+    if saved_world != world_size:
+        raise CheckpointError(f"{checkpoint_dir} step {step} was saved by {saved_world} ranks (optimizer state is "
+                              f"sharded per rank); resume it with --nproc_per_node={saved_world}, not {world_size}")
+    if meta.get("model_config") != model.config.to_dict():
+        raise CheckpointError(f"cannot resume: {meta_path(checkpoint_dir, step)} has model_config "
+                              f"{meta.get('model_config')}, this run builds {model.config.to_dict()}")
+    model.load_state_dict(model_data, strict=True)
+    if not isinstance(optim_data, list) or len(optim_data) != len(optimizers):
+        raise CheckpointError(f"{optim_path(checkpoint_dir, step, rank)} does not hold {len(optimizers)} optimizer "
+                              "states ([AdamW, Muon])")
+    for opt, state in zip(optimizers, optim_data):
+        opt.load_state_dict(state)
+    return meta
 
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,28 @@ def get_shared_data_dir() -> Path:
             "pretrain/, eval_bundle/, gsm8k/ ... (see shared/data/MANIFEST.md)"
         )
     return path
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], object]) -> None:
+    """
+    Write through write_fn(file) to a temp file in the same directory, fsync, then rename over `path`:
+    readers never see a half-written file, and a failed write (disk full, a crash) leaves the old one intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def autodetect_device_type() -> str:
@@ -171,6 +196,13 @@ def set_lr_multiplier(optimizers, multiplier: float) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
+
+
+def scale_initial_lr(optimizers, frac: float) -> None:
+    """Start fine-tuning at a fraction of the pretraining learning rates (schedules then scale from there)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"] = group["initial_lr"] * frac
 
 
 def synchronize(device: torch.device) -> None:

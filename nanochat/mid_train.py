@@ -16,20 +16,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint_manager import find_last_step, load_model, load_training_state, save_checkpoint
 from nanochat.common import (
     autocast_for,
-    compute_cleanup,
-    compute_init,
     get_base_dir,
     is_distributed,
     print0,
+    scale_initial_lr,
     set_lr_multiplier,
     synchronize,
 )
 from nanochat.dataloader import ConversationTokenLoader
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.pipes import PipesReporter
+from nanochat.pipes import run_training
 from nanochat.tasks import mid_train_mixture, mid_train_val
 from nanochat.tokenizer import get_token_bytes
 
@@ -65,17 +64,7 @@ def lr_multiplier(progress: float) -> float:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
-    reporter = PipesReporter()
-    try:
-        return train(args, rank, world_size, device, reporter)
-    except BaseException as e:
-        reporter.close(e)
-        raise
-    finally:
-        reporter.close()
-        compute_cleanup()
+    return run_training(train, parse_args(argv))
 
 
 def train(args, rank, world_size, device, reporter) -> dict:
@@ -89,19 +78,14 @@ def train(args, rank, world_size, device, reporter) -> dict:
                          f"max_seq_len x world_size = {tokens_per_fwdbwd}")
     grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
     optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+    scale_initial_lr(optimizers, args.init_lr_frac)
 
     tag = args.model_tag or f"d{model.config.n_layer}"
     checkpoint_dir = get_base_dir() / "mid_checkpoints" / tag
     step, loader_state, val_bpb = 0, None, None
     if args.resume:
         step = find_last_step(checkpoint_dir)
-        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
-        model.load_state_dict(model_data, strict=True)
-        for opt, state in zip(optimizers, optim_data):
-            opt.load_state_dict(state)
+        meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
         loader_state, val_bpb = meta["dataloader_state_dict"], meta.get("val_bpb")
         print0(f"resumed mid-training from {checkpoint_dir} step {step}")
 
@@ -138,7 +122,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
             model.train()
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
             meta = {"step": step, "val_bpb": val_bpb, "model_config": model.config.to_dict(),
-                    "user_config": vars(args), "base_checkpoint_step": base_meta.get("step"),
+                    "user_config": vars(args), "world_size": world_size, "base_checkpoint_step": base_meta.get("step"),
                     "dataloader_state_dict": state_before_xy, "progress": progress()}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)

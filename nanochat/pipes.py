@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from nanochat.common import is_rank0
+from nanochat.common import compute_cleanup, compute_init, is_rank0
 
 
 class PipesReporter:
@@ -53,3 +53,21 @@ class PipesReporter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(exc)
+
+
+def run_training(train_fn, args):
+    """
+    The shell of every training entry point: join the process group, open the Pipes reporter (rank 0, under
+    Dagster), run train_fn(args, rank, world_size, device, reporter), and always close both, reporting a
+    failure to Dagster before re-raising it.
+    """
+    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
+    reporter = PipesReporter()
+    try:
+        return train_fn(args, rank, world_size, device, reporter)
+    except BaseException as e:
+        reporter.close(e)
+        raise
+    finally:
+        reporter.close()
+        compute_cleanup()

@@ -1,7 +1,9 @@
 """
-Sample continuations from a saved checkpoint (base models complete text; chat models use chat_cli).
+Sample from a saved checkpoint: base models complete text; with --chat, the prompt is a user message and the
+reply is the assistant's turn (with calculator tool use), as a mid or SFT model expects.
 
     python -m nanochat.sample --source=base --prompt="The capital of France is" --num-samples=3
+    python -m nanochat.sample --source=sft --chat --prompt="What is 12 times 7?"
 """
 
 from __future__ import annotations
@@ -26,21 +28,28 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
     parser.add_argument("--device-type", default="")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device_type or autodetect_device_type())
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    print(f"loaded {args.source} checkpoint step {meta.get('step')} (val bpb {meta.get('val_bpb')})")
+    score = {k: meta[k] for k in ("val_bpb", "val_loss") if meta.get(k) is not None}
+    print(f"loaded {args.source} checkpoint step {meta.get('step')} {score}")
     engine = Engine(model, tokenizer)
     outputs = []
     for prompt in args.prompt or ["The meaning of life is"]:
-        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        if args.chat:
+            conversation = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
+            ids = tokenizer.render_for_completion(conversation)
+        else:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
         rows, _ = engine.generate_batch(ids, num_samples=args.num_samples, max_tokens=args.max_tokens,
                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-        texts = [tokenizer.decode(row[1:]) for row in rows]
+        # Base: show prompt + completion. Chat: show only the assistant's reply.
+        texts = [tokenizer.decode(row[len(ids):] if args.chat else row[1:]) for row in rows]
         for text in texts:
-            print(f"--- {text!r}")
+            print(f"--- {prompt!r} -> {text!r}" if args.chat else f"--- {text!r}")
         outputs.append(texts)
     return outputs
 

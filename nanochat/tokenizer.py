@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,7 +24,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from nanochat.common import get_base_dir
+from nanochat.common import atomic_write, get_base_dir
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; also the document delimiter and the eval pad token
@@ -225,7 +224,7 @@ class RustBPETokenizer(TokenizerBase):
 
     def save(self, tokenizer_dir: str | os.PathLike) -> None:
         """Pickle the tiktoken Encoding to `tokenizer.pkl` (the original nanochat format)."""
-        _atomic_write(Path(tokenizer_dir) / PKL_NAME, lambda f: pickle.dump(self.enc, f))
+        atomic_write(Path(tokenizer_dir) / PKL_NAME, lambda f: pickle.dump(self.enc, f))
 
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
@@ -305,7 +304,7 @@ class HuggingFaceTokenizer(TokenizerBase):
 
     def save(self, tokenizer_dir: str | os.PathLike) -> None:
         text = self.tokenizer.to_str()
-        _atomic_write(Path(tokenizer_dir) / JSON_NAME, lambda f: f.write(text.encode("utf-8")))
+        atomic_write(Path(tokenizer_dir) / JSON_NAME, lambda f: f.write(text.encode("utf-8")))
 
     def get_vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -404,21 +403,6 @@ def _encoding_from_state(state: object, path: Path) -> tiktoken.Encoding:
     return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks, special_tokens=specials)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write via a temp file in the same directory, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------------------
 # token_bytes.pt (for bits-per-byte) and loading from the base dir
 
@@ -437,7 +421,7 @@ def compute_token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
 
 def save_token_bytes(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> torch.Tensor:
     token_bytes = compute_token_bytes(tokenizer)
-    _atomic_write(Path(tokenizer_dir) / TOKEN_BYTES_NAME, lambda f: torch.save(token_bytes, f))
+    atomic_write(Path(tokenizer_dir) / TOKEN_BYTES_NAME, lambda f: torch.save(token_bytes, f))
     return token_bytes
 
 
