@@ -245,7 +245,11 @@ class GPT(nn.Module):
             )
         cos_sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
 
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # A bf16 embedding (as on CUDA) feeding fp32 layers without autocast: match the layers' dtype.
+            x = x.to(self.lm_head.weight.dtype)
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
