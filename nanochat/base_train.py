@@ -31,7 +31,7 @@ from nanochat.dataloader import DistributedTokenLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.pipes import run_training
+from nanochat.pipes import loss_curve, run_training
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 
@@ -259,7 +259,8 @@ def train(args, rank, world_size, device, reporter) -> dict:
         "num_params": num_params, "tok_per_sec": tok_per_sec, "flops_per_sec": flops_per_sec, "mfu": mfu,
         "total_training_time": total_time, "samples": samples, "losses": [h["loss"] for h in history],
     }
-    reporter.result({k: v for k, v in summary.items() if k not in ("losses", "samples")})
+    reported = {k: v for k, v in summary.items() if k != "losses"}
+    reporter.result({**reported, "loss_curve": loss_curve(summary["losses"])})
     if device.type == "cuda":
         print0(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     return summary

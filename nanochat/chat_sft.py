@@ -27,7 +27,7 @@ from nanochat.common import (
     synchronize,
 )
 from nanochat.dataloader import SFTBatchLoader
-from nanochat.pipes import run_training
+from nanochat.pipes import loss_curve, run_training
 from nanochat.tasks import sft_mixture, sft_val
 
 
@@ -155,7 +155,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
 
     summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_loss": val_loss,
                "final_loss": losses[-1] if losses else None, "losses": losses}
-    reporter.result({k: v for k, v in summary.items() if k != "losses"})
+    reporter.result({**{k: v for k, v in summary.items() if k != "losses"}, "loss_curve": loss_curve(losses)})
     return summary
 
 

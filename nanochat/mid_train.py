@@ -28,7 +28,7 @@ from nanochat.common import (
 )
 from nanochat.dataloader import ConversationTokenLoader
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.pipes import run_training
+from nanochat.pipes import loss_curve, run_training
 from nanochat.tasks import mid_train_mixture, mid_train_val
 from nanochat.tokenizer import get_token_bytes
 
@@ -155,7 +155,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
 
     summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
                "final_loss": losses[-1] if losses else None, "tok_per_sec": tok_per_sec, "losses": losses}
-    reporter.result({k: v for k, v in summary.items() if k != "losses"})
+    reporter.result({**{k: v for k, v in summary.items() if k != "losses"}, "loss_curve": loss_curve(losses)})
     return summary
 
 

@@ -55,15 +55,26 @@ class PipesReporter:
         self.close(exc)
 
 
+def loss_curve(losses: list[float], points: int = 40) -> list[list[float]]:
+    """[[step, loss], ...] at most `points` evenly spaced entries (steps count from 1), always with the last."""
+    if not losses:
+        return []
+    stride = max(1, len(losses) // points)
+    steps = list(range(stride - 1, len(losses), stride))
+    if steps[-1] != len(losses) - 1:
+        steps.append(len(losses) - 1)
+    return [[i + 1, round(losses[i], 5)] for i in steps]
+
+
 def run_training(train_fn, args):
     """
     The shell of every training entry point: join the process group, open the Pipes reporter (rank 0, under
     Dagster), run train_fn(args, rank, world_size, device, reporter), and always close both, reporting a
     failure to Dagster before re-raising it.
     """
-    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
-    reporter = PipesReporter()
+    reporter = PipesReporter()  # first, so even a failing init is reported to Dagster
     try:
+        _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
         return train_fn(args, rank, world_size, device, reporter)
     except BaseException as e:
         reporter.close(e)

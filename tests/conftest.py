@@ -50,3 +50,49 @@ def tokenizer_base_dir(tmp_path_factory, small_tokenizer):
     small_tokenizer.save(base / "tokenizer")
     save_token_bytes(small_tokenizer, base / "tokenizer")
     return base
+
+
+# --- A real S3 server (SeaweedFS) for the artifact store's tests -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One `weed mini` for the session, with credentials in os.environ for boto3's default chain.
+
+    Fails (never skips) when the server cannot start: the S3 backend must be tested against a real server.
+    """
+    from s3server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3Server  # tests/ is on sys.path (rootless)
+
+    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except Exception as exc:  # a test failure carrying the server's log
+        pytest.fail(f"SeaweedFS could not start: {exc}")
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_store(s3_server):
+    """An S3ArtifactStore on a fresh bucket of the session's server (retries kept short for fault tests)."""
+    import uuid
+
+    import boto3
+    from botocore.config import Config
+    from s3server import REGION
+
+    from orchestration.artifact_store import S3ArtifactStore
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name=REGION,
+                 config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket=bucket)
+    return S3ArtifactStore(bucket=bucket, prefix="runs", endpoint_url=s3_server.endpoint_url, region_name=REGION,
+                           max_attempts=2, operation_retries=1)

@@ -1,0 +1,34 @@
+"""Resources of the code location, configured from the environment (all overridable per run in the launchpad).
+
+NANOCHAT_ARTIFACTS   where artifacts go: a local directory (default .nanochat-dagster/artifacts) or s3://bucket/prefix
+                     (endpoint from NANOCHAT_S3_ENDPOINT_URL / AWS_ENDPOINT_URL; credentials from the boto3 chain)
+NANOCHAT_WORKSPACE   scratch space for runs (default .nanochat-dagster/work)
+NANOCHAT_DUCKDB      the eval-history database (default <NANOCHAT_BASE_DIR or ~/.cache/nanochat>/evals.duckdb,
+                     the same file `nanochat-evals` reads)
+"""
+
+
+import os
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from orchestration.artifact_store import artifact_store_from_url
+from orchestration.eval_store import default_db_path
+from orchestration.launcher import TorchrunLauncher
+from orchestration.profiles import RunProfile
+from orchestration.workspace import Workspace
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(
+        resources={
+            "artifacts": artifact_store_from_url(os.environ.get("NANOCHAT_ARTIFACTS", ".nanochat-dagster/artifacts")),
+            "workspace": Workspace(),
+            "profile": RunProfile(),
+            "launcher": TorchrunLauncher(),
+            # Writers open it through eval_store.connect_rw (lock-aware retries); dagster-duckdb holds the path.
+            "duckdb": DuckDBResource(database=str(default_db_path())),
+        }
+    )

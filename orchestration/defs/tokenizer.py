@@ -1,0 +1,33 @@
+"""tokenizer: BPE trained on the training shards (rustbpe), with its compression per data source."""
+
+
+import dagster as dg
+
+from nanochat import tok_eval, tok_train
+from orchestration.artifact_store import ArtifactStore
+from orchestration.profiles import RunProfile
+from orchestration.workspace import Workspace, fetch_upstream, git_sha, retry_on_store_faults
+
+
+@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"pytorch"})
+def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
+              artifacts: ArtifactStore) -> dg.MaterializeResult:
+    """Train the tokenizer (tokenizer.pkl + token_bytes.pt, the original layout) and report its compression."""
+    settings = profile.settings()
+    run_dir = workspace.run_dir(context)
+    with retry_on_store_faults():
+        shards = fetch_upstream(context, artifacts, "raw_shards", run_dir / "base_data")
+    out_dir = run_dir / "tokenizer"
+    tok_train.main([f"--max-chars={settings['tok_max_chars']}", f"--vocab-size={settings['vocab_size']}",
+                    f"--data-dir={run_dir / 'base_data'}", f"--out-dir={out_dir}"])
+    rows = tok_eval.main(["--data-dir", str(run_dir / "base_data"), "--base-dir", str(run_dir)])
+    table = tok_eval.markdown_table(rows)
+    with retry_on_store_faults():
+        info = artifacts.put_dir(out_dir, f"tokenizer/{profile.name.value}/{context.run.run_id}")
+    return dg.MaterializeResult(
+        metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
+                  "vocab_size": settings["vocab_size"], "max_chars": settings["tok_max_chars"],
+                  "raw_shards_sha256": shards["sha256"], "compression": dg.MetadataValue.md(table),
+                  "git_sha": git_sha()},
+        data_version=dg.DataVersion(info.sha256),
+    )

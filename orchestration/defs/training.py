@@ -1,0 +1,125 @@
+"""
+base_checkpoint -> mid_checkpoint -> sft_checkpoint: each stage fetches its inputs from the artifact store into
+its own run directory, trains with the nanochat entry point under torchrun through Dagster Pipes (one GPU job at a
+time: pool "gpu"), and publishes the final step's checkpoint (model + meta) back to the artifact store.
+"""
+
+
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from orchestration import eval_store
+from orchestration.artifact_store import ArtifactStore
+from orchestration.launcher import TorchrunLauncher
+from orchestration.profiles import RunProfile
+from orchestration.workspace import (
+    Workspace,
+    fetch_upstream,
+    git_sha,
+    loss_table,
+    nanochat_env,
+    publish_checkpoint,
+    retry_on_store_faults,
+)
+
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
+
+
+def record_history(duckdb: DuckDBResource, context, profile: RunProfile, stage: str, checkpoint_id: str, uri: str,
+                   step: int, scores: dict[str, dict[str, float]]) -> None:
+    """The run, its checkpoint and its training-time scores, in the eval history (idempotent, short transaction)."""
+    settings = profile.settings()
+    with eval_store.connect_rw(duckdb.database) as conn:
+        eval_store.record_run(conn, context.run.run_id, profile=profile.name.value, depth=settings["depth"],
+                              git_sha=git_sha(), config=settings, dagster_run_id=context.run.run_id)
+        eval_store.record_checkpoint(conn, checkpoint_id, run_id=context.run.run_id, stage=stage, step=step, uri=uri)
+        if scores:
+            eval_store.record_eval_results(conn, context.run.run_id, stage, checkpoint_id, scores,
+                                           profile=profile.name.value, depth=settings["depth"])
+
+
+def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[str, str], profile: RunProfile,
+                workspace: Workspace, artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """Fetch inputs ({asset: phase dir or 'tokenizer'}), train, publish; return the asset's metadata."""
+    settings = profile.settings()
+    tag = profile.model_tag
+    run_dir = workspace.run_dir(context)
+    lineage = {}
+    for asset, where in inputs.items():
+        # Checkpoints live under <phase dir>/<model tag>/; shards and the tokenizer directly under their dir.
+        dest = run_dir / where / tag if where in PHASE_DIRS.values() else run_dir / where
+        with retry_on_store_faults():
+            lineage[f"{asset}_sha256"] = fetch_upstream(context, artifacts, asset, dest)["sha256"]
+
+    result, messages, wall = launcher.run(context, module, [*args, f"--device-type={settings['device_type']}"],
+                                          settings["nproc_per_node"], nanochat_env(run_dir))
+    step = int(result["step"])
+    checkpoint_dir = Path(result["checkpoint_dir"])
+    with retry_on_store_faults():  # a retry re-trains: publishing is the step's last act, so that is rare
+        info = publish_checkpoint(artifacts, checkpoint_dir, step, f"{stage}_checkpoint/{profile.name.value}/{tag}/"
+                                  f"{context.run.run_id}", run_dir / "publish")
+    curve = result.get("loss_curve") or []
+    metadata = {
+        "key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size, "step": step,
+        "model_tag": tag, "profile": profile.name.value, "wall_time_s": round(wall, 1), "git_sha": git_sha(),
+        "config": settings, "progress_messages": len(messages), **lineage,
+        "loss_curve": dg.MetadataValue.md(loss_table(curve)) if curve else "no steps",
+    }
+    for k in ("val_bpb", "min_val_bpb", "val_loss", "final_loss", "tok_per_sec", "flops_per_sec", "mfu",
+              "num_params", "total_training_time"):
+        if result.get(k) is not None:
+            metadata[k] = result[k]
+    scores = {"validation": {k: float(result[k]) for k in ("val_bpb", "val_loss") if result.get(k) is not None}}
+    record_history(duckdb, context, profile, stage, info.sha256, info.uri, step, {k: v for k, v in scores.items() if v})
+    if result.get("samples"):
+        metadata["samples"] = dg.MetadataValue.md("\n".join(f"- `{s!r}`" for s in result["samples"]))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(info.sha256))
+
+
+@dg.asset(group_name="training", code_version="1", deps=["raw_shards", "tokenizer"], pool="gpu",
+          kinds={"pytorch"})
+def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
+                    artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                    duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """Pretrain the base model on the shards (nanochat.base_train)."""
+    s = profile.settings()
+    args = [f"--depth={s['depth']}", f"--max-seq-len={s['max_seq_len']}",
+            f"--device-batch-size={s['device_batch_size']}", f"--total-batch-size={s['total_batch_size']}",
+            f"--num-iterations={s['base_iterations']}",
+            f"--eval-every={s['eval_every']}", f"--eval-tokens={s['eval_tokens']}", "--log-every=10",
+            f"--run={context.run.run_id}"]
+    inputs = {"raw_shards": "base_data", "tokenizer": "tokenizer"}
+    return train_stage(context, "base", "nanochat.base_train", args, inputs, profile, workspace, artifacts, launcher,
+                       duckdb)
+
+
+@dg.asset(group_name="training", code_version="1", deps=["base_checkpoint", "tokenizer"], pool="gpu",
+          kinds={"pytorch"})
+def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
+                   artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                   duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """Mid-train on the conversation mixture (nanochat.mid_train)."""
+    s = profile.settings()
+    args = [f"--device-batch-size={s['mid_device_batch_size']}", f"--total-batch-size={s['total_batch_size']}",
+            f"--num-iterations={s['mid_iterations']}", f"--eval-tokens={s['eval_tokens']}", "--log-every=10"]
+    return train_stage(context, "mid", "nanochat.mid_train", args,
+                       {"tokenizer": "tokenizer", "base_checkpoint": PHASE_DIRS["base"]}, profile, workspace, artifacts,
+                       launcher, duckdb)
+
+
+@dg.asset(group_name="training", code_version="1", deps=["mid_checkpoint", "tokenizer"], pool="gpu",
+          kinds={"pytorch"})
+def sft_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
+                   artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                   duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """Supervised fine-tuning with assistant-only loss (nanochat.chat_sft)."""
+    s = profile.settings()
+    args = [f"--device-batch-size={s['sft_device_batch_size']}", f"--examples-per-step={s['sft_examples_per_step']}",
+            f"--num-iterations={s['sft_iterations']}", "--eval-steps=10", "--log-every=10"]
+    return train_stage(context, "sft", "nanochat.chat_sft", args,
+                       {"tokenizer": "tokenizer", "mid_checkpoint": PHASE_DIRS["mid"]}, profile, workspace, artifacts,
+                       launcher, duckdb)
+

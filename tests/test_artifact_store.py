@@ -1,0 +1,422 @@
+"""The artifact store against a real file system and a real S3 server (SeaweedFS, see tests/s3server.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from s3server import free_port
+
+from orchestration.artifact_store import (
+    MANIFEST_NAME,
+    ArtifactIntegrityError,
+    ArtifactStore,
+    ArtifactStoreError,
+    LocalArtifactStore,
+    S3ArtifactStore,
+    artifact_store_from_url,
+)
+
+MB = 1 << 20
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> ArtifactStore:
+    if request.param == "local":
+        return LocalArtifactStore(root=str(tmp_path / "store"))
+    return request.getfixturevalue("s3_store")
+
+
+def write_random(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {"config.json": b'{"n_layer": 4}\n', "sub/model.bin": os.urandom(300_000),
+             "sub/deeper/notes with space.txt": "ünïcode\n".encode(), ".hidden": b"x"}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def count_calls(store: S3ArtifactStore, event: str = "after-call.s3") -> Counter:
+    """Count the S3 API calls this store's client makes (a boto3 event hook on the real client)."""
+    calls: Counter = Counter()
+    store.client.meta.events.register(event, lambda model, **_: calls.update([model.name]))
+    return calls
+
+
+def raw_keys(store: S3ArtifactStore) -> list[str]:
+    """Every object in the bucket, staging included, bypassing the store's own filtering."""
+    pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def s3_store_like(store: S3ArtifactStore, **overrides) -> S3ArtifactStore:
+    return S3ArtifactStore(**{**store.model_dump(), **overrides})
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+
+def test_put_get_file_round_trip(store, tmp_path):
+    data = write_random(tmp_path / "src" / "model.pt", 200_000)
+    info = store.put_file(tmp_path / "src" / "model.pt", "ckpt/d4/model.pt")
+
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (info.key, info.size, info.uri) == ("ckpt/d4/model.pt", len(data), store.uri("ckpt/d4/model.pt"))
+    if isinstance(store, LocalArtifactStore):
+        assert info.uri == (Path(store.root) / "ckpt/d4/model.pt").resolve().as_uri()
+        assert not any((Path(store.root) / ".staging").iterdir()), "staging must be empty after a publish"
+    else:
+        assert info.uri == f"s3://{store.bucket}/runs/ckpt/d4/model.pt"
+        assert raw_keys(store) == ["runs/ckpt/d4/model.pt"], "staging object must be gone after a publish"
+    assert store.exists("ckpt/d4/model.pt") and not store.exists("ckpt/d4/other.pt")
+    assert store.list_keys("ckpt") == ["ckpt/d4/model.pt"] == store.list_keys("")
+    assert store.list_keys("ckp") == [], "prefixes are directories, not string prefixes"
+
+    out = store.get_file("ckpt/d4/model.pt", tmp_path / "out" / "model.pt")
+    assert out.read_bytes() == data
+    assert [p.name for p in out.parent.iterdir()] == ["model.pt"], "no temp file left next to the download"
+
+
+def test_json_and_missing_keys(store, tmp_path):
+    store.write_json("reports/run1.json", {"core": 0.21, "steps": [1, 2]})
+    assert store.read_json("reports/run1.json") == {"core": 0.21, "steps": [1, 2]}
+    store.write_json("reports/run1.json", {"core": 0.25})  # overwrite in place
+    assert store.read_json("reports/run1.json") == {"core": 0.25}
+
+    with pytest.raises(FileNotFoundError, match="reports/missing.json"):
+        store.read_json("reports/missing.json")
+    with pytest.raises(FileNotFoundError, match="reports/missing.json"):
+        store.get_file("reports/missing.json", tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_large_file_goes_multipart_and_round_trips(s3_store, tmp_path):
+    store = s3_store_like(s3_store, multipart_threshold_mb=8, multipart_chunksize_mb=8)
+    data = write_random(tmp_path / "big.bin", 40 * MB)
+    calls = count_calls(store)
+
+    start = time.monotonic()
+    info = store.put_file(tmp_path / "big.bin", "ckpt/big.bin")
+    upload_s = time.monotonic() - start
+
+    assert calls["UploadPart"] == 5, calls
+    head = store.client.head_object(Bucket=store.bucket, Key="runs/ckpt/big.bin")
+    assert head["ETag"].strip('"').endswith("-5"), head["ETag"]  # a multipart object (copied part by part)
+    assert head["Metadata"]["sha256"] == info.sha256 == hashlib.sha256(data).hexdigest()
+    out = store.get_file("ckpt/big.bin", tmp_path / "back.bin")
+    assert out.read_bytes() == data
+    assert upload_s < 20, f"40 MB upload took {upload_s:.1f} s"
+
+
+# --- directories ---------------------------------------------------------------------------------------------------
+
+
+def test_put_dir_writes_manifest_last_and_get_dir_reuses_cache(store, tmp_path):
+    files = make_tree(tmp_path / "tok")
+    calls = count_calls(store) if isinstance(store, S3ArtifactStore) else None
+    published: list[str] = []
+    if isinstance(store, S3ArtifactStore):  # the final keys appear through server-side copies, in this order
+        store.client.meta.events.register("before-parameter-build.s3.CopyObject",
+                                          lambda params, **_: published.append(params["Key"]))
+
+    info = store.put_dir(tmp_path / "tok", "tokenizer/run1")
+
+    manifest_key = f"tokenizer/run1/{MANIFEST_NAME}"
+    raw_manifest = store.get_file(manifest_key, tmp_path / "m.json").read_bytes()
+    assert info.sha256 == hashlib.sha256(raw_manifest).hexdigest()
+    assert (info.key, info.uri, info.size) == ("tokenizer/run1", store.uri("tokenizer/run1"),
+                                               sum(map(len, files.values())))
+    manifest = json.loads(raw_manifest)
+    assert {e["path"]: (e["size"], e["sha256"]) for e in manifest["files"]} == {
+        rel: (len(data), hashlib.sha256(data).hexdigest()) for rel, data in files.items()}
+    if isinstance(store, S3ArtifactStore):
+        assert len(published) == len(files) + 1 and published[-1] == f"runs/{manifest_key}", published
+    else:
+        stored = Path(store.root) / "tokenizer/run1"
+        newest_file = max((stored / rel).stat().st_mtime_ns for rel in files)
+        assert (stored / MANIFEST_NAME).stat().st_mtime_ns >= newest_file
+    assert store.is_published("tokenizer/run1")
+
+    cache = tmp_path / "cache"
+    first = store.get_dir("tokenizer/run1", cache_dir=cache)
+    assert first == cache / info.sha256[:16]
+    assert {rel: (first / rel).read_bytes() for rel in files} == files
+    assert (first / MANIFEST_NAME).read_bytes() == raw_manifest
+
+    stamps = {rel: ((first / rel).stat().st_ino, (first / rel).stat().st_mtime_ns) for rel in files}
+    if calls is not None:
+        calls.clear()
+    assert store.get_dir("tokenizer/run1", cache_dir=cache) == first
+    assert stamps == {rel: ((first / rel).stat().st_ino, (first / rel).stat().st_mtime_ns) for rel in files}
+    if calls is not None:
+        assert calls["GetObject"] == 1, calls  # the manifest only: no file was downloaded again
+
+    # Republishing different content gives a different manifest, hence a different cache entry.
+    (tmp_path / "tok" / "config.json").write_bytes(b'{"n_layer": 6}\n')
+    info2 = store.put_dir(tmp_path / "tok", "tokenizer/run1")
+    second = store.get_dir("tokenizer/run1", cache_dir=cache)
+    assert info2.sha256 != info.sha256 and second != first
+    assert (second / "config.json").read_bytes() == b'{"n_layer": 6}\n'
+
+
+def test_directory_without_manifest_does_not_exist(store, tmp_path):
+    write_random(tmp_path / "f.bin", 1000)
+    store.put_file(tmp_path / "f.bin", "half/f.bin")  # as if put_dir died before its manifest
+    assert not store.is_published("half")
+    with pytest.raises(FileNotFoundError, match=MANIFEST_NAME):
+        store.get_dir("half", cache_dir=tmp_path / "cache")
+
+
+def test_failed_local_put_dir_leaves_nothing_published(tmp_path):
+    """A real write failure midway (a directory squats on one file's path): no manifest, old version unpublished."""
+    store = LocalArtifactStore(root=str(tmp_path / "store"))
+    make_tree(tmp_path / "d")
+    store.put_dir(tmp_path / "d", "ckpt/c")
+    (tmp_path / "store/ckpt/c/sub/model.bin").unlink()
+    (tmp_path / "store/ckpt/c/sub/model.bin").mkdir()  # os.replace onto it fails: files before it are done
+
+    with pytest.raises(OSError):
+        store.put_dir(tmp_path / "d", "ckpt/c")
+    assert store.exists("ckpt/c/config.json")
+    assert not store.is_published("ckpt/c"), "a republish that failed must not leave the old manifest behind"
+    with pytest.raises(FileNotFoundError):
+        store.get_dir("ckpt/c", cache_dir=tmp_path / "cache")
+
+
+def test_default_cache_dir_comes_from_env(tmp_path, monkeypatch):
+    store = LocalArtifactStore(root=str(tmp_path / "store"))
+    make_tree(tmp_path / "d")
+    info = store.put_dir(tmp_path / "d", "x")
+    monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "envcache"))
+    assert store.get_dir("x") == tmp_path / "envcache" / info.sha256[:16]
+
+
+def test_corrupt_cached_file_is_downloaded_again(store, tmp_path):
+    files = make_tree(tmp_path / "d")
+    store.put_dir(tmp_path / "d", "ckpt/a")
+    cached = store.get_dir("ckpt/a", cache_dir=tmp_path / "cache")
+    model = cached / "sub/model.bin"
+    model.write_bytes(b"\0" * len(files["sub/model.bin"]))  # same size, wrong content: only sha256 can tell
+
+    assert store.get_dir("ckpt/a", cache_dir=tmp_path / "cache") == cached
+    assert model.read_bytes() == files["sub/model.bin"]
+
+
+def test_corrupt_stored_file_raises_naming_it(store, tmp_path):
+    files = make_tree(tmp_path / "d")
+    store.put_dir(tmp_path / "d", "ckpt/b")
+    garbage = b"\1" * len(files["sub/model.bin"])
+    if isinstance(store, S3ArtifactStore):  # bit rot (or a rogue writer) behind the store's back
+        store.client.put_object(Bucket=store.bucket, Key="runs/ckpt/b/sub/model.bin", Body=garbage)
+    else:
+        (Path(store.root) / "ckpt/b/sub/model.bin").write_bytes(garbage)
+
+    with pytest.raises(ArtifactIntegrityError, match="ckpt/b/sub/model.bin"):
+        store.get_dir("ckpt/b", cache_dir=tmp_path / "cache")
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if "model.bin" in p.name]
+    assert leftovers == [], "a corrupt download must not stay in the cache"
+
+
+def test_delete_prefix_unpublishes_and_removes(store, tmp_path):
+    files = make_tree(tmp_path / "d")
+    store.put_dir(tmp_path / "d", "a/dir")
+    write_random(tmp_path / "f", 10)
+    for key in ("a/x", "a/y/z", "ab/w"):
+        store.put_file(tmp_path / "f", key)
+
+    assert store.delete_prefix("a") == 2 + len(files) + 1  # a/x, a/y/z, the tree, its manifest
+    assert store.list_keys("") == ["ab/w"]
+    assert not store.is_published("a/dir")
+    with pytest.raises(ValueError):
+        store.delete_prefix("")
+
+
+# --- keys ----------------------------------------------------------------------------------------------------------
+
+ODD_BUT_VALID = ["dir with space/ünïcode+plus=&?#%.bin", "a/b.c/d-e_f~g(1)", "x/.dotfile", "x/..ellipsis.."]
+INVALID = ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/", "a\\b", "", ".", "a/./b", "nul\0byte",
+           "line\nbreak", ".staging/sneaky", "k" * 1025]
+
+
+def test_odd_keys_round_trip_and_bad_keys_are_refused(store, tmp_path):
+    data = write_random(tmp_path / "f", 100)
+    for key in ODD_BUT_VALID:
+        store.put_file(tmp_path / "f", key)
+        assert store.get_file(key, tmp_path / "out").read_bytes() == data
+    assert store.list_keys("") == sorted(ODD_BUT_VALID)
+
+    for key in INVALID:
+        with pytest.raises(ValueError, match="invalid artifact key"):
+            store.put_file(tmp_path / "f", key)
+        with pytest.raises(ValueError, match="invalid artifact key"):
+            store.get_file(key, tmp_path / "out2")
+    with pytest.raises(ValueError, match="invalid artifact key"):
+        store.put_dir(tmp_path, "../up")
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+    assert store.list_keys("") == sorted(ODD_BUT_VALID)
+
+
+def test_manifest_paths_cannot_escape_the_cache(tmp_path):
+    store = LocalArtifactStore(root=str(tmp_path / "store"))
+    evil = {"version": 1, "files": [{"path": "../../pwned", "size": 1, "sha256": "0" * 64}]}
+    (tmp_path / "store/evil").mkdir(parents=True)
+    (tmp_path / "store/evil" / MANIFEST_NAME).write_text(json.dumps(evil))
+    with pytest.raises(ArtifactIntegrityError, match="malformed"):
+        store.get_dir("evil", cache_dir=tmp_path / "cache")
+
+
+# --- faults --------------------------------------------------------------------------------------------------------
+
+
+class PartGate:
+    """Lets the first `let_through` parts of a multipart upload go, holds the others until `release()`.
+
+    Hooks on the real boto3 client only order events: the test stops the real server between the first parts and
+    the rest, so the fault always lands in the middle of the upload however fast the machine is.
+    """
+
+    def __init__(self, store: S3ArtifactStore, let_through: int = 2) -> None:
+        self.let_through, self.done = let_through, 0
+        self.first_parts_done, self.released = threading.Event(), threading.Event()
+        self.lock = threading.Lock()
+        store.client.meta.events.register("before-parameter-build.s3.UploadPart", self._before)
+        store.client.meta.events.register("after-call.s3.UploadPart", self._after)
+
+    def _before(self, params, **_):
+        if params["PartNumber"] > self.let_through:
+            self.released.wait(60)
+
+    def _after(self, http_response, **_):
+        with self.lock:
+            self.done += http_response.status_code == 200
+            if self.done >= self.let_through:
+                self.first_parts_done.set()
+
+    def release(self) -> None:
+        self.released.set()
+
+
+def upload_while_server_stops(server, store: S3ArtifactStore, upload) -> tuple[BaseException | None, float]:
+    """Run upload() in a thread, stop the server after its first parts; the error and seconds from stop to error."""
+    gate = PartGate(store)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            upload()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        assert gate.first_parts_done.wait(30), "the first parts never completed"
+        server.stop()
+        stopped = time.monotonic()
+        gate.release()
+        worker.join(60)
+        assert not worker.is_alive(), "the upload hangs after the server stopped"
+        return outcome.get("error"), time.monotonic() - stopped
+    finally:
+        gate.release()
+        server.start()  # same data dir and ports: later tests keep their server
+
+
+def test_server_stopping_mid_multipart_upload_leaves_no_partial_object(s3_server, s3_store, tmp_path):
+    store = s3_store_like(s3_store, multipart_threshold_mb=5, multipart_chunksize_mb=5)
+    write_random(tmp_path / "big.bin", 30 * MB)
+
+    error, seconds = upload_while_server_stops(s3_server, store,
+                                               lambda: store.put_file(tmp_path / "big.bin", "ckpt/big.bin"))
+
+    assert isinstance(error, ArtifactStoreError), repr(error)
+    message = str(error)
+    assert "ckpt/big.bin" in message and s3_server.endpoint_url in message and "Check that" in message
+    assert "testsecret" not in message
+    assert seconds < 30, f"the failure took {seconds:.1f} s to surface"
+    # Restarted: the final key never became visible.
+    assert not store.exists("ckpt/big.bin")
+    assert "runs/ckpt/big.bin" not in raw_keys(store)
+    assert store.list_keys("") == []
+
+
+def test_server_stopping_mid_put_dir_publishes_no_manifest(s3_server, s3_store, tmp_path):
+    store = s3_store_like(s3_store, multipart_threshold_mb=5, multipart_chunksize_mb=5)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "meta.json").write_text('{"step": 20}')  # sorts first: uploaded before the fault
+    write_random(tmp_path / "ckpt" / "model.pt", 30 * MB)
+
+    error, seconds = upload_while_server_stops(s3_server, store,
+                                               lambda: store.put_dir(tmp_path / "ckpt", "base/run7"))
+
+    assert isinstance(error, ArtifactStoreError) and "base/run7/model.pt" in str(error), repr(error)
+    assert seconds < 30
+    assert not store.is_published("base/run7")
+    assert not store.exists("base/run7/model.pt")
+    with pytest.raises(FileNotFoundError):
+        store.get_dir("base/run7", cache_dir=tmp_path / "cache")
+
+
+def test_unreachable_endpoint_fails_quickly_with_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testkey")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testsecret")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = S3ArtifactStore(bucket="nowhere", endpoint_url=endpoint, region_name="us-east-1", max_attempts=3,
+                            operation_retries=1)
+    write_random(tmp_path / "f", 10)
+
+    start = time.monotonic()
+    with pytest.raises(ArtifactStoreError) as info:
+        store.put_file(tmp_path / "f", "reports/r.json")
+    seconds = time.monotonic() - start
+
+    message = str(info.value)
+    assert "reports/r.json" in message and endpoint in message and "2 attempt(s)" in message
+    assert "testsecret" not in message
+    assert seconds < 15, f"took {seconds:.1f} s"
+
+
+# --- factory and Dagster -------------------------------------------------------------------------------------------
+
+
+def test_artifact_store_from_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_S3_ENDPOINT_URL", "http://127.0.0.1:8333")
+    s3 = artifact_store_from_url("s3://models/nanochat/prod/")
+    assert isinstance(s3, S3ArtifactStore)
+    assert (s3.bucket, s3.prefix, s3.endpoint_url) == ("models", "nanochat/prod", "http://127.0.0.1:8333")
+    assert s3.uri("a/b") == "s3://models/nanochat/prod/a/b"
+
+    local = artifact_store_from_url(str(tmp_path / "arts"))
+    assert isinstance(local, LocalArtifactStore) and local.uri("k") == (tmp_path / "arts" / "k").as_uri()
+    assert artifact_store_from_url((tmp_path / "arts").as_uri()).uri("k") == local.uri("k")
+    with pytest.raises(ValueError):
+        artifact_store_from_url("gs://bucket/x")
+
+
+@dg.asset
+def report(artifacts: ArtifactStore) -> dg.MaterializeResult:
+    """Annotated with the abstract store: either backend can be injected."""
+    info = artifacts.write_json("reports/latest.json", {"core": 0.3})
+    return dg.MaterializeResult(metadata=info.to_metadata())
+
+
+def test_injected_into_a_dagster_asset(store):
+    result = dg.materialize([report], resources={"artifacts": store})
+    assert result.success
+    metadata = result.asset_materializations_for_node("report")[0].metadata
+    assert metadata["uri"].value == store.uri("reports/latest.json")
+    assert store.read_json("reports/latest.json") == {"core": 0.3}
