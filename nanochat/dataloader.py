@@ -101,7 +101,8 @@ class DistributedTokenLoader(TokenPacker):
         self.tokenizer_threads, self.tokenizer_batch_size = tokenizer_threads, tokenizer_batch_size
         self.bos = tokenizer.get_bos_token_id()
         self.files = split_files(split, data_dir)
-        start = state or {"epoch": 0, "pq_idx": 0, "rg_idx": rank, "offset": 0}
+        # A state from the original nanochat has only {pq_idx, rg_idx}: resume at that row group, from its start.
+        start = {"epoch": 0, "pq_idx": 0, "rg_idx": rank, "offset": 0, **(state or {})}
         super().__init__(self._row_groups, B, T, device, start)
 
     def _row_groups(self, position: dict) -> Iterator[tuple[dict, list[int]]]:

@@ -93,3 +93,11 @@ def test_corrupt_shard_is_reported_by_name(small_tokenizer, shared_data, tmp_pat
     (tmp_path / "shard_00000.parquet").write_bytes(data[: len(data) // 3])
     with pytest.raises(ShardError, match="shard_00000.parquet"):
         next(DistributedTokenLoader(small_tokenizer, 2, 32, "train", data_dir=tmp_path))
+
+
+def test_original_nanochat_loader_state_is_accepted(small_tokenizer, shared_data):
+    # The original's meta holds {pq_idx, rg_idx} only: we resume at the start of that row group.
+    loader = make(small_tokenizer, shared_data, state={"pq_idx": 1, "rg_idx": 0})
+    assert loader.state_dict() == {"epoch": 0, "pq_idx": 1, "rg_idx": 0, "offset": 0}
+    x, _ = next(loader)
+    assert x[0, 0].item() == small_tokenizer.get_bos_token_id()
