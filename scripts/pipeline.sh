@@ -12,7 +12,11 @@ export NANOCHAT_ARTIFACTS=${NANOCHAT_ARTIFACTS:-$state/artifacts}
 export NANOCHAT_WORKSPACE=${NANOCHAT_WORKSPACE:-$state/work}
 export NANOCHAT_DUCKDB=${NANOCHAT_DUCKDB:-$state/evals.duckdb}
 export NANOCHAT_SHARED_DATA=${NANOCHAT_SHARED_DATA:-$(cd .. && pwd)/shared/data}
-mkdir -p "$DAGSTER_HOME" && touch "$DAGSTER_HOME/dagster.yaml"
+mkdir -p "$DAGSTER_HOME"
+if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
+    # One op at a time per pool: the training assets share pool "gpu", so runs never train concurrently.
+    printf 'concurrency:\n  pools:\n    default_limit: 1\n' > "$DAGSTER_HOME/dagster.yaml"
+fi
 
 start=$(date +%s)
 .venv/bin/dagster asset materialize -m orchestration.definitions \
