@@ -23,6 +23,7 @@ from nanochat.common import (
     autocast_for,
     get_base_dir,
     gpu_peak_flops,
+    grad_accum_steps,
     print0,
     set_lr_multiplier,
     synchronize,
@@ -135,17 +136,14 @@ def train(args, rank, world_size, device, reporter) -> dict:
 
     # Batch bookkeeping: total batch in tokens, gradient accumulation to reach it.
     tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-    if args.total_batch_size % tokens_per_fwdbwd:
-        raise SystemExit(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size x "
-                         f"max_seq_len x world_size = {tokens_per_fwdbwd}")
-    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+    accum_steps = grad_accum_steps(args.total_batch_size, tokens_per_fwdbwd)
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     elif args.target_param_data_ratio > 0:
         num_iterations = max(1, int(args.target_param_data_ratio * num_params) // args.total_batch_size)
     else:
         raise SystemExit("set --num-iterations or --target-param-data-ratio")
-    print0(f"grad accumulation steps: {grad_accum_steps}; iterations: {num_iterations:,}; "
+    print0(f"grad accumulation steps: {accum_steps}; iterations: {num_iterations:,}; "
            f"tokens: {num_iterations * args.total_batch_size:,}")
 
     optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
@@ -214,14 +212,14 @@ def train(args, rank, world_size, device, reporter) -> dict:
         if last_step:
             break
 
-        # One optimizer step: grad_accum_steps micro-batches, then AdamW + Muon.
+        # One optimizer step: accum_steps micro-batches, then AdamW + Muon.
         synchronize(device)
         t0 = time.time()
-        for _ in range(grad_accum_steps):
+        for _ in range(accum_steps):
             with autocast:
                 loss = train_model(x, y)
             train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
+            (loss / accum_steps).backward()
             state_before_xy = train_loader.state_dict()
             x, y = next(train_loader)
         if args.grad_clip > 0:

@@ -191,6 +191,14 @@ def autocast_for(device: torch.device, dtype: str = ""):
     return torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
+def grad_accum_steps(total_batch_size: int, tokens_per_fwdbwd: int) -> int:
+    """Micro-steps per optimizer step so that a step sees total_batch_size tokens; it must divide evenly."""
+    if total_batch_size % tokens_per_fwdbwd:
+        raise SystemExit(f"--total-batch-size={total_batch_size} must be a multiple of device_batch_size x "
+                         f"max_seq_len x world_size = {tokens_per_fwdbwd}")
+    return total_batch_size // tokens_per_fwdbwd
+
+
 def set_lr_multiplier(optimizers, multiplier: float) -> None:
     """Every group's lr = its initial lr x multiplier (set_optimizers stores initial_lr)."""
     for opt in optimizers:

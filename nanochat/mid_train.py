@@ -20,6 +20,7 @@ from nanochat.checkpoint_manager import find_last_step, load_model, load_trainin
 from nanochat.common import (
     autocast_for,
     get_base_dir,
+    grad_accum_steps,
     is_distributed,
     print0,
     scale_initial_lr,
@@ -73,10 +74,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
     T = args.max_seq_len or model.config.sequence_len
     B = args.device_batch_size
     tokens_per_fwdbwd = B * T * world_size
-    if args.total_batch_size % tokens_per_fwdbwd:
-        raise SystemExit(f"--total-batch-size={args.total_batch_size} must be a multiple of device_batch_size x "
-                         f"max_seq_len x world_size = {tokens_per_fwdbwd}")
-    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+    accum_steps = grad_accum_steps(args.total_batch_size, tokens_per_fwdbwd)
     optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
     scale_initial_lr(optimizers, args.init_lr_frac)
 
@@ -90,7 +88,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         print0(f"resumed mid-training from {checkpoint_dir} step {step}")
 
     train_set, val_set = mid_train_mixture(args.data_dir, seed=args.seed), mid_train_val(args.data_dir)
-    print0(f"mixture: {len(train_set):,} conversations; val: {len(val_set):,}; grad accumulation {grad_accum_steps}")
+    print0(f"mixture: {len(train_set):,} conversations; val: {len(val_set):,}; grad accumulation {accum_steps}")
     train_loader = ConversationTokenLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
     token_bytes = get_token_bytes(device=device)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
@@ -131,10 +129,10 @@ def train(args, rank, world_size, device, reporter) -> dict:
 
         synchronize(device)
         t0 = time.time()
-        for _ in range(grad_accum_steps):
+        for _ in range(accum_steps):
             with autocast:
                 loss = model(x, y)
-            (loss / grad_accum_steps).backward()
+            (loss / accum_steps).backward()
             state_before_xy = train_loader.state_dict()
             x, y = next(train_loader)
         lrm = lr_multiplier(progress())
