@@ -1,0 +1,362 @@
+"""
+Launch nanochat's training entry points as Kubernetes pods through Dagster Pipes (dagster-k8s `PipesK8sClient`).
+
+`K8sTorchrunLauncher` is the cluster twin of `TorchrunLauncher`: the same `run(context, module, args, nproc, env)`
+returning (reported result, progress messages, wall seconds), so the training assets take either as their
+`launcher` resource. Each stage is one pod with one container running torchrun over the pod's GPUs; rank 0 writes
+its Pipes messages to stderr, which the client reads back from the pod's log.
+
+The pod's filesystem is not the Dagster host's. The run directory the asset prepared (inputs fetched, checkpoints
+expected) reaches the pod through a shared PersistentVolumeClaim (`workspace_claim`) mounted at `base_dir`;
+environment values and reported paths are translated between the two views of that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import shlex
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import dagster as dg
+import kubernetes
+from dagster_k8s import PipesK8sClient
+from dagster_k8s.client import DagsterK8sError
+from kubernetes.utils import parse_quantity
+from pydantic import field_validator, model_validator
+from urllib3.exceptions import HTTPError
+
+from orchestration.launcher import reported_exception
+
+# Kubernetes object names (Secrets, ServiceAccounts, claims, namespaces) are DNS-1123 subdomains.
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# Environment names that hold credentials: those belong in the Secret named by env_from_secret, never in the spec.
+_CREDENTIAL_ENV = re.compile(r"(^|_)(SECRET|PASSWORD|TOKEN|ACCESS_KEY)(_|$)", re.IGNORECASE)
+_OPERATORS = ("Equal", "Exists")
+_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute", "")
+
+
+def _check_name(value: str, field: str) -> str:
+    if value and (len(value) > 253 or not _K8S_NAME.fullmatch(value)):
+        raise ValueError(f"{field}={value!r} is not a Kubernetes name (lowercase letters, digits, '-' and '.')")
+    return value
+
+
+def _credentials_error(env: dict[str, str], where: str) -> str | None:
+    leaked = sorted(name for name in env if _CREDENTIAL_ENV.search(name))
+    if leaked:
+        return (f"{where} would put credentials ({', '.join(leaked)}) in the pod spec in plain text; "
+                "put them in a Kubernetes Secret and name it in env_from_secret")
+    return None
+
+
+def _rebase(value: str, old: str, new: str) -> str:
+    """`value` with the directory prefix `old` replaced by `new` (unchanged when it is not under `old`)."""
+    old = old.rstrip("/")
+    if value == old or value.startswith(old + "/"):
+        return new.rstrip("/") + value[len(old):]
+    return value
+
+
+class Toleration(dg.Config):
+    """One pod toleration, as in the Kubernetes API (tolerationSeconds is left out: training pods never drain)."""
+
+    key: str = ""
+    operator: str = "Equal"
+    value: str = ""
+    effect: str = ""
+
+    @field_validator("operator")
+    @classmethod
+    def _operator(cls, v: str) -> str:
+        if v not in _OPERATORS:
+            raise ValueError(f"toleration operator must be one of {', '.join(_OPERATORS)}, got {v!r}")
+        return v
+
+    @field_validator("effect")
+    @classmethod
+    def _effect(cls, v: str) -> str:
+        if v not in _EFFECTS:
+            raise ValueError(f"toleration effect must be NoSchedule, PreferNoSchedule, NoExecute or empty, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        # The API server's own rules, checked here so a bad toleration fails at config time, not at pod creation.
+        if self.operator == "Exists" and self.value:
+            raise ValueError(f"toleration {self.key!r}: operator Exists takes no value (got {self.value!r})")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists (it tolerates every taint)")
+        return self
+
+    def to_k8s(self) -> dict[str, str]:
+        return {k: v for k, v in self.model_dump().items() if v}
+
+
+class K8sTorchrunLauncher(dg.ConfigurableResource):
+    """Run a training stage as a pod: torchrun over `gpus_per_pod` GPUs, reporting back through Dagster Pipes."""
+
+    image: str  # must contain this repository's nanochat package, torch with CUDA, and dagster-pipes
+    namespace: str = "default"
+    python: str = "python"  # the interpreter inside the image
+    # Where the run directory appears inside the pod; NANOCHAT_BASE_DIR and NANOCHAT_DATA_DIR point under it.
+    base_dir: str = "/workspace/nanochat"
+    # A ReadWriteMany claim that also holds the Dagster workspace (mounted at workspace_root where Dagster runs):
+    # the pod mounts the run's own directory of it at base_dir, so it sees the fetched inputs and Dagster sees the
+    # checkpoints it writes. Without it the pod only has what the image carries.
+    workspace_claim: str = ""
+    workspace_root: str = ""
+    gpus_per_pod: int = 8  # the d20/d26/d32 profiles run 8 processes; 0 = a CPU pod
+    gpu_resource_name: str = "nvidia.com/gpu"
+    cpu_request: str = ""
+    cpu_limit: str = ""
+    memory_request: str = ""
+    memory_limit: str = ""
+    # NCCL and dataloader workers share memory through /dev/shm, which container runtimes cap at 64 MB.
+    shm_size: str = "16Gi"
+    node_selector: dict[str, str] = {}
+    tolerations: list[Toleration] = []
+    service_account_name: str = ""
+    image_pull_secrets: list[str] = []
+    env_from_secret: str = ""  # a Secret injected whole with envFrom (e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)
+    extra_env: dict[str, str] = {}  # plain settings such as NCCL_DEBUG; never credentials
+    # How to reach the cluster; None = in-cluster config when running in a pod, else the default kubeconfig.
+    load_incluster_config: bool | None = None
+    kubeconfig_file: str = ""
+    kube_context: str = ""
+    poll_interval_seconds: float = 10.0
+    # The longest one stage may run (a d32 run takes well over a day on 8 H100s). Enforced twice: Dagster stops
+    # waiting, and the pod's activeDeadlineSeconds lets the cluster free the GPUs even if Dagster itself is gone.
+    # 0 = no limit.
+    timeout_seconds: int = 72 * 3600
+    delete_pod_on_completion: bool = True  # False keeps finished pods for `kubectl logs` / `describe`
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("image must name the training image (e.g. ghcr.io/you/nanochat:latest)")
+        return v.strip()
+
+    @field_validator("gpus_per_pod", "timeout_seconds")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        if v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+        return v
+
+    @field_validator("poll_interval_seconds")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"poll_interval_seconds must be > 0, got {v}")
+        return v
+
+    @field_validator("cpu_request", "cpu_limit", "memory_request", "memory_limit", "shm_size")
+    @classmethod
+    def _quantity(cls, v: str, info) -> str:
+        if v:
+            try:
+                amount = parse_quantity(v) if v == v.strip() else None
+            except ValueError:
+                amount = None
+            if amount is None or amount < 0:
+                raise ValueError(f"{info.field_name}={v!r} is not a Kubernetes quantity (e.g. '8', '500m', '64Gi')")
+        return v
+
+    @field_validator("namespace", "workspace_claim", "service_account_name", "env_from_secret")
+    @classmethod
+    def _name(cls, v: str, info) -> str:
+        return _check_name(v, info.field_name)
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _check_name(name, "image_pull_secrets")
+        return v
+
+    @field_validator("extra_env")
+    @classmethod
+    def _extra_env(cls, v: dict[str, str]) -> dict[str, str]:
+        if error := _credentials_error(v, "extra_env"):
+            raise ValueError(error)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> K8sTorchrunLauncher:
+        if not self.namespace:
+            raise ValueError("namespace must not be empty")
+        if not self.base_dir.startswith("/"):
+            raise ValueError(f"base_dir must be an absolute path in the pod, got {self.base_dir!r}")
+        if self.gpus_per_pod and "/" not in self.gpu_resource_name:
+            raise ValueError(f"gpu_resource_name must be a vendor-qualified resource such as nvidia.com/gpu, "
+                             f"got {self.gpu_resource_name!r}")
+        if self.workspace_claim and not self.workspace_root.startswith("/"):
+            raise ValueError("workspace_claim needs workspace_root: the absolute path where the Dagster side mounts "
+                             "that claim (the Workspace resource's root)")
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, f"{kind}_request"), getattr(self, f"{kind}_limit")
+            if request and limit and parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(f"{kind}_request={request!r} exceeds {kind}_limit={limit!r}")
+        if self.load_incluster_config and (self.kubeconfig_file or self.kube_context):
+            raise ValueError("load_incluster_config=True ignores kubeconfig_file/kube_context; set one or the other")
+        return self
+
+    def command(self, module: str, args: list[str], nproc: int) -> list[str]:
+        # torch.distributed.run is what the `torchrun` script runs; going through `python` keeps one setting.
+        if nproc > 1:
+            return [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", module, *args]
+        return [self.python, "-m", module, *args]
+
+    def pod_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The children's environment in the pod: host paths under the run directory moved to base_dir."""
+        host_dir = env.get("NANOCHAT_BASE_DIR")
+        pod_env = {k: _rebase(v, host_dir, self.base_dir) if host_dir else v for k, v in env.items()}
+        # Python block-buffers stdout without a terminal: progress would reach the pod log in bursts.
+        pod_env = {"PYTHONUNBUFFERED": "1", **pod_env, **self.extra_env}
+        if error := _credentials_error(pod_env, "the run's environment"):
+            raise dg.Failure(error)
+        return pod_env
+
+    def pod_spec(self, module: str, args: list[str], nproc: int, env: dict[str, str]) -> dict[str, Any]:
+        """The PodSpec (camelCase, as the Kubernetes API spells it) that run() hands to PipesK8sClient."""
+        self._check_processes(nproc, args)
+        container: dict[str, Any] = {
+            "name": "train",
+            "image": self.image,
+            "command": self.command(module, args, nproc),
+            "env": [{"name": k, "value": v} for k, v in self.pod_env(env).items()],
+            # A failed container's last log lines become its termination message: they reach the Dagster error.
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        if resources := self._resources():
+            container["resources"] = resources
+        if self.env_from_secret:
+            container["envFrom"] = [{"secretRef": {"name": self.env_from_secret}}]
+        volumes, mounts = self._volumes(env.get("NANOCHAT_BASE_DIR"))
+        if mounts:
+            container["volumeMounts"] = mounts
+        spec: dict[str, Any] = {"containers": [container], "restartPolicy": "Never"}
+        optional = {
+            "volumes": volumes,
+            "nodeSelector": dict(self.node_selector),
+            "tolerations": [t.to_k8s() for t in self.tolerations],
+            "serviceAccountName": self.service_account_name,
+            "imagePullSecrets": [{"name": name} for name in self.image_pull_secrets],
+            "activeDeadlineSeconds": self.timeout_seconds,
+        }
+        spec.update({k: v for k, v in optional.items() if v})
+        return spec
+
+    def client(self) -> PipesK8sClient:
+        # Construction only records the settings; the kubeconfig is read when run() starts a pod.
+        return PipesK8sClient(load_incluster_config=self.load_incluster_config,
+                              kubeconfig_file=self.kubeconfig_file or None, kube_context=self.kube_context or None,
+                              poll_interval=self.poll_interval_seconds)
+
+    def run(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
+            env: dict[str, str]) -> tuple[dict, list[dict], float]:
+        """Run to completion in a pod; return (reported result metadata, progress messages, wall seconds)."""
+        spec = self.pod_spec(module, args, nproc, env)
+        validate_pod_spec(spec)  # a malformed spec fails here, not as an API error after the asset has started
+        command = shlex.join(spec["containers"][0]["command"])
+        if 0 < nproc < self.gpus_per_pod:
+            context.log.warning(f"{nproc} process(es) on a pod holding {self.gpus_per_pod} GPUs: the rest sit idle")
+        context.log.info(f"launching a pod in namespace {self.namespace} ({self.image}): {command}")
+        t0 = time.time()
+        try:
+            invocation = self.client().run(context=context, namespace=self.namespace, base_pod_spec=spec,
+                                           pod_wait_timeout=float(self.timeout_seconds),
+                                           delete_pod_on_completion=self.delete_pod_on_completion)
+        except (DagsterK8sError, kubernetes.client.ApiException, kubernetes.config.ConfigException, HTTPError) as e:
+            # DagsterK8sError: the pod failed or timed out (its message carries the container's log tail);
+            # the others: the cluster refused the pod or could not be reached.
+            child_error = reported_exception(context)
+            raise dg.Failure(
+                description=f"{module} failed after {time.time() - t0:.0f}s on Kubernetes "
+                            f"(namespace {self.namespace}, image {self.image})."
+                            + (f" The child raised: {child_error}" if child_error else "")
+                            + f"\n{type(e).__name__}: {e}",
+                metadata={"command": command, "namespace": self.namespace, "image": self.image,
+                          "child_error": child_error or "not reported", "pod_error": str(e)},
+            ) from e
+        wall = time.time() - t0
+        result, messages = pipes_result(invocation, module)
+        host_dir = env.get("NANOCHAT_BASE_DIR")
+        if host_dir:  # e.g. checkpoint_dir: the pod's path of a file the asset reads next on the Dagster side
+            result = {k: _rebase(v, self.base_dir, host_dir) if isinstance(v, str) else v for k, v in result.items()}
+        return result, messages, wall
+
+    def _check_processes(self, nproc: int, args: list[str]) -> None:
+        if nproc < 1:
+            raise dg.Failure(f"nproc must be at least 1, got {nproc}")
+        if self.gpus_per_pod and nproc > self.gpus_per_pod:
+            raise dg.Failure(f"the run asks for {nproc} processes but the launcher's gpus_per_pod is "
+                             f"{self.gpus_per_pod}: raise gpus_per_pod or lower the profile's nproc_per_node")
+        if not self.gpus_per_pod and "--device-type=cuda" in args:
+            raise dg.Failure("the run asks for --device-type=cuda but the launcher's gpus_per_pod is 0 (a CPU pod)")
+
+    def _resources(self) -> dict[str, dict[str, str]]:
+        # An extended resource such as a GPU is requested through its limit alone (the request defaults to it).
+        limits = {self.gpu_resource_name: str(self.gpus_per_pod)} if self.gpus_per_pod else {}
+        limits.update({k: v for k, v in (("cpu", self.cpu_limit), ("memory", self.memory_limit)) if v})
+        requests = {k: v for k, v in (("cpu", self.cpu_request), ("memory", self.memory_request)) if v}
+        return {k: v for k, v in (("limits", limits), ("requests", requests)) if v}
+
+    def _volumes(self, host_dir: str | None) -> tuple[list[dict], list[dict]]:
+        volumes: list[dict] = []
+        mounts: list[dict] = []
+        if self.shm_size:
+            volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": self.shm_size}})
+            mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+        if self.workspace_claim:
+            volumes.append({"name": "workspace", "persistentVolumeClaim": {"claimName": self.workspace_claim}})
+            mount = {"name": "workspace", "mountPath": self.base_dir}
+            if host_dir:
+                sub_path = posixpath.relpath(host_dir, self.workspace_root)
+                if sub_path.startswith(".."):
+                    raise dg.Failure(f"the run directory {host_dir} is not under workspace_root "
+                                     f"{self.workspace_root}: point the Workspace resource's root at the claim")
+                mount["subPath"] = sub_path
+            mounts.append(mount)
+        return volumes, mounts
+
+
+def pipes_result(invocation: dg.PipesClientCompletedInvocation, module: str) -> tuple[dict, list[dict]]:
+    """(the reported materialization metadata, the progress messages) of a finished Pipes invocation."""
+    result: dict = {}
+    for materialization in invocation.get_results():
+        result.update({k: v.value for k, v in (materialization.metadata or {}).items()})
+    if not result:
+        raise dg.Failure(f"{module} exited 0 but reported no result through Dagster Pipes")
+    return result, list(invocation.get_custom_messages())
+
+
+def validate_pod_spec(spec: dict[str, Any]) -> kubernetes.client.V1PodSpec:
+    """
+    Check a camelCase PodSpec against the Kubernetes client's schema, without a cluster: deserialize it into
+    V1PodSpec as if the API server had sent it, serialize it back, and require every field to survive. The client
+    silently drops keys it does not know (a typo such as `nodeSelecter`), so a lost field means an invalid spec.
+    """
+    api = kubernetes.client.ApiClient()
+    model = api.deserialize(SimpleNamespace(data=json.dumps(spec)), "V1PodSpec")
+    lost = _lost_fields(spec, api.sanitize_for_serialization(model), "spec")
+    if lost:
+        raise ValueError(f"not valid PodSpec fields (or wrongly typed values): {', '.join(lost)}")
+    return model
+
+
+def _lost_fields(sent: Any, kept: Any, path: str) -> list[str]:
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        lost = []
+        for key, value in sent.items():
+            lost += _lost_fields(value, kept[key], f"{path}.{key}") if key in kept else [f"{path}.{key}"]
+        return lost
+    if isinstance(sent, list) and isinstance(kept, list) and len(sent) == len(kept):
+        return [p for i, (a, b) in enumerate(zip(sent, kept)) for p in _lost_fields(a, b, f"{path}[{i}]")]
+    return [] if sent == kept else [path]
