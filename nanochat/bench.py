@@ -3,10 +3,15 @@ Benchmarks that print one JSON line per figure, with the machine they ran on.
 
     python -m nanochat.bench train --depth=4 --seq-len=256 --batch-size=16
     python -m nanochat.bench train --depth=20 --compile        # on a GPU
+    python -m nanochat.bench core --depth=4 --vocab-size=4096 --max-per-task=50
+    python -m nanochat.bench core --checkpoint-dir=$NANOCHAT_BASE_DIR/base_checkpoints/d20
 
 `train` times full optimizer steps (forward, backward, AdamW + Muon) of a depth-D model on random tokens,
 and reports tok/s, achieved FLOP/s (model FLOPs from estimate_flops), the ratio to a dense-matmul peak
 measured in the same process, MFU against the datasheet bf16 peak on known GPUs, and peak memory.
+
+`core` times the CORE evaluation (nanochat.core_eval) of a saved checkpoint, or of a randomly initialised
+depth-D model (the speed does not depend on the weights), and reports examples/s per task type and overall.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 import torch
 
 from nanochat.base_train import model_config_for
-from nanochat.common import autocast_for, autodetect_device_type, gpu_peak_flops, synchronize
+from nanochat.common import autocast_for, autodetect_device_type, get_shared_data_dir, gpu_peak_flops, synchronize
 from nanochat.gpt import GPT
 
 
@@ -107,6 +112,70 @@ def bench_train(args) -> dict:
     return result
 
 
+def bench_tokenizer(tokenizer_dir: str | None, vocab_size: int):
+    """The tokenizer in tokenizer_dir, else a throwaway BPE of vocab_size trained on ~2 MB of the shared
+    pretraining text (a random model needs some tokenizer of its vocab size; which one barely changes speed)."""
+    from nanochat.tokenizer import RustBPETokenizer
+
+    if tokenizer_dir:
+        return RustBPETokenizer.from_directory(tokenizer_dir)
+    import pyarrow.parquet as pq
+
+    texts, n = [], 0
+    for text in pq.read_table(get_shared_data_dir() / "pretrain" / "shard_00000.parquet")["text"].to_pylist():
+        texts.append(text)
+        n += len(text)
+        if n >= 2_000_000:
+            break
+    return RustBPETokenizer.train_from_iterator(iter(texts), vocab_size)
+
+
+def bench_core(args) -> dict:
+    from nanochat.checkpoint_manager import build_model, find_last_step
+    from nanochat.core_eval import evaluate_core
+    from nanochat.tokenizer import RustBPETokenizer
+
+    device = torch.device(args.device_type or autodetect_device_type())
+    if args.checkpoint_dir:
+        step = args.step if args.step is not None else find_last_step(args.checkpoint_dir)
+        tokenizer = RustBPETokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else None
+        model, tokenizer, _ = build_model(args.checkpoint_dir, step, device, "eval", tokenizer=tokenizer)
+        model_name = f"{args.checkpoint_dir} step {step}"
+    else:
+        tokenizer = bench_tokenizer(args.tokenizer_dir, args.vocab_size)
+        torch.manual_seed(0)
+        config = model_config_for(argparse.Namespace(depth=args.depth, aspect_ratio=args.aspect_ratio,
+                                                     head_dim=args.head_dim, n_kv_head=0, max_seq_len=args.seq_len),
+                                  tokenizer.get_vocab_size())
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.init_weights()
+        torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero lm_head would make every choice tie
+        model_name = f"random d{args.depth}"
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    core = evaluate_core(model, tokenizer, device, args.bundle_dir, args.max_per_task, tasks,
+                         autocast_for(device, dtype))
+
+    by_type: dict[str, dict] = {}
+    for t in core["tasks"].values():
+        entry = by_type.setdefault(t["task_type"], {"tasks": 0, "examples": 0, "seconds": 0.0})
+        entry["tasks"] += 1
+        entry["examples"] += t["examples"]
+        entry["seconds"] += t["seconds"]
+    for entry in by_type.values():
+        entry["examples_per_sec"] = round(entry["examples"] / entry["seconds"], 2) if entry["seconds"] else 0.0
+        entry["seconds"] = round(entry["seconds"], 3)
+    return {
+        "bench": "core", **machine_info(device), "device": device.type, "dtype": dtype, "model": model_name,
+        "params": model.num_params(), "seq_len": model.config.sequence_len, "vocab_size": model.config.vocab_size,
+        "max_per_task": args.max_per_task, "core_label": core["core_label"], "core": core["core"],
+        "examples": core["examples"], "seconds": round(sum(by_type[k]["seconds"] for k in by_type), 3),
+        "examples_per_sec": round(core["examples_per_sec"], 2), "by_task_type": by_type,
+    }
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description="nanochat benchmarks (one JSON line per figure)")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -122,8 +191,24 @@ def main(argv=None) -> list[dict]:
     train.add_argument("--compile", action="store_true")
     train.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda)")
     train.add_argument("--device-type", default="")
+    core = sub.add_parser("core", help="CORE evaluation throughput: examples/s per task type and overall")
+    core.add_argument("--checkpoint-dir", default=None, help="a model tag folder (model_<step>.pt + meta); "
+                      "default: a randomly initialised model of --depth")
+    core.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    core.add_argument("--tokenizer-dir", default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer with "
+                      "--checkpoint-dir, else a throwaway BPE trained on shared pretraining text")
+    core.add_argument("--depth", type=int, default=4)
+    core.add_argument("--aspect-ratio", type=int, default=64)
+    core.add_argument("--head-dim", type=int, default=128)
+    core.add_argument("--vocab-size", type=int, default=4096)
+    core.add_argument("--seq-len", type=int, default=2048, help="the model's context: longer prompts are cropped")
+    core.add_argument("--max-per-task", type=int, default=50, help="examples per task (-1: all)")
+    core.add_argument("--tasks", default="", help="comma-separated CORE labels (default: all)")
+    core.add_argument("--bundle-dir", default=None)
+    core.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda)")
+    core.add_argument("--device-type", default="")
     args = parser.parse_args(argv)
-    results = [bench_train(args)]
+    results = [bench_train(args) if args.what == "train" else bench_core(args)]
     for r in results:
         print(json.dumps(r), flush=True)
     return results

@@ -39,8 +39,11 @@ class PipesReporter:
     def result(self, metadata: dict, asset_key: str | None = None) -> None:
         """The materialization metadata of the asset this run produces (checkpoint URI, losses, ...)."""
         if self._ctx is not None:
-            # Dagster metadata values must be JSON scalars/containers; drop the unknowns (None).
-            metadata = {k: v for k, v in metadata.items() if v is not None}
+            # Drop the unknowns (None). Pipes reads a dict value as {"raw_value", "type"}, so containers (per-task
+            # score tables, missing-task reasons) are marked as JSON explicitly; Dagster then hands back the plain
+            # dict/list as the metadata value.
+            metadata = {k: {"raw_value": v, "type": "json"} if isinstance(v, (dict, list)) else v
+                        for k, v in metadata.items() if v is not None}
             self._ctx.report_asset_materialization(metadata=metadata, asset_key=asset_key)
 
     def close(self, exc: BaseException | None = None) -> None:
