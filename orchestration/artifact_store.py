@@ -139,6 +139,10 @@ class ArtifactStore(dg.ConfigurableResource, ABC):
     def read_json(self, key: str) -> Any:
         return json.loads(self._read_bytes(validate_key(key)))
 
+    def put_bytes(self, key: str, data: bytes) -> ArtifactInfo:
+        """Publish a small in-memory object (a report, a pointer) atomically."""
+        return self._put_bytes(validate_key(key), data)
+
     def write_json(self, key: str, obj: Any) -> ArtifactInfo:
         """Serialize obj (sorted keys, so equal objects give equal sha256) and publish it atomically."""
         return self._put_bytes(validate_key(key), _dump_json(obj))

@@ -9,12 +9,15 @@ DuckDB admits one read-write process or many read-only ones, never both at once.
 - readers open short read-only connections (`connect_ro`) that retry while a writer holds the file.
 
 Conventions: stages are base, mid and sft. Aggregate scores (CORE, ChatCORE) are recorded under the
-pseudo-task `AGGREGATE_TASK` ("all"), per-task numbers under the task's name. Times are naive UTC.
+pseudo-task `AGGREGATE_TASK` ("all"), per-task numbers under the task's name (metrics `accuracy` and
+`centered`). An aggregate over part of its suite carries its coverage in the metric name: `CORE[18/22]` when
+4 of the 22 CORE tasks had no data, `ChatCORE[5/6]`; such a score is a different metric and is never compared
+with a full `CORE`. Times are naive UTC.
 
 Documented SQL (run it with `nanochat-evals sql "..."` or any DuckDB client opened read-only):
 
 How did CORE move over the last 10 runs? One row per run (its latest CORE), oldest first, with the change
-from the run before:
+from the run before (with the offline eval bundle, write 'CORE[18/22]' for 'CORE'):
 
 ```sql
 SELECT run_id, profile, depth, tokens_seen, value AS core,

@@ -21,6 +21,8 @@ _TINY = dict(
     depth=4, max_seq_len=256, device_batch_size=16, total_batch_size=4096, base_iterations=120,
     eval_every=40, eval_tokens=65536,
     mid_iterations=40, mid_device_batch_size=16, sft_iterations=40, sft_device_batch_size=4, sft_examples_per_step=8,
+    core_max_per_task=20, chat_max_per_task=16, chat_max_new_tokens=64, chat_num_samples=1, chat_temperature=0.0,
+    promotion_tolerance=0.02,
 )
 _SPEEDRUN = dict(
     device_type="cuda", nproc_per_node=8, corpus="fineweb", num_shards=240,
@@ -28,6 +30,8 @@ _SPEEDRUN = dict(
     depth=20, max_seq_len=2048, device_batch_size=32, total_batch_size=524288, base_iterations=-1,
     eval_every=250, eval_tokens=20 * 524288,
     mid_iterations=-1, mid_device_batch_size=32, sft_iterations=-1, sft_device_batch_size=4, sft_examples_per_step=32,
+    core_max_per_task=-1, chat_max_per_task=-1, chat_max_new_tokens=512, chat_num_samples=1, chat_temperature=0.0,
+    promotion_tolerance=0.01,
 )
 PROFILES: dict[str, dict] = {
     "tiny": _TINY,
@@ -50,7 +54,7 @@ class RunProfile(dg.ConfigurableResource):
     name: ProfileName = ProfileName.tiny
     device_type: str | None = None  # cpu | cuda | mps
     nproc_per_node: int | None = None
-    corpus: str | None = None  # shakespeare | shared | fineweb | local:<dir>
+    corpus: str | None = None  # shakespeare | shared | fineweb | local:<dir> | store:<key prefix>
     num_shards: int | None = None
     tok_max_chars: int | None = None
     vocab_size: int | None = None
@@ -66,6 +70,12 @@ class RunProfile(dg.ConfigurableResource):
     sft_iterations: int | None = None
     sft_device_batch_size: int | None = None
     sft_examples_per_step: int | None = None
+    core_max_per_task: int | None = None  # CORE examples per task in base_eval (-1: all)
+    chat_max_per_task: int | None = None  # ChatCORE examples per task in chat_eval (-1: all)
+    chat_max_new_tokens: int | None = None  # generation budget of the generative chat tasks
+    chat_num_samples: int | None = None  # samples per problem (pass@k when > 1)
+    chat_temperature: float | None = None  # 0: greedy
+    promotion_tolerance: float | None = None  # how far CORE / ChatCORE may fall below the promoted model's
 
     @model_validator(mode="after")
     def _check(self) -> RunProfile:
@@ -76,6 +86,16 @@ class RunProfile(dg.ConfigurableResource):
                     "tok_max_chars", "sft_device_batch_size", "sft_examples_per_step", "mid_device_batch_size"):
             if s[key] <= 0:
                 raise ValueError(f"profile {name}: {key} must be positive, got {s[key]}")
+        for key in ("core_max_per_task", "chat_max_per_task"):
+            if s[key] == 0 or s[key] < -1:
+                raise ValueError(f"profile {name}: {key} must be -1 (all examples) or positive, got {s[key]}")
+        if s["chat_max_new_tokens"] <= 0 or s["chat_num_samples"] <= 0:
+            raise ValueError(f"profile {name}: chat_max_new_tokens and chat_num_samples must be positive")
+        if s["chat_num_samples"] > 1 and s["chat_temperature"] <= 0:
+            raise ValueError(f"profile {name}: chat_num_samples={s['chat_num_samples']} draws identical greedy "
+                             "samples; set chat_temperature > 0 (e.g. 0.7) for pass@k")
+        if not 0 <= s["promotion_tolerance"] < 1:
+            raise ValueError(f"profile {name}: promotion_tolerance must be in [0, 1), got {s['promotion_tolerance']}")
         if s["vocab_size"] < 266:
             raise ValueError(f"profile {name}: vocab_size must exceed 265 (256 bytes + 9 special tokens)")
         per_step = s["device_batch_size"] * s["max_seq_len"] * s["nproc_per_node"]
@@ -83,9 +103,9 @@ class RunProfile(dg.ConfigurableResource):
             raise ValueError(f"profile {name}: total_batch_size={s['total_batch_size']} must be a multiple of "
                              f"device_batch_size x max_seq_len x nproc_per_node = {per_step}")
         corpus = s["corpus"]
-        if corpus not in ("shakespeare", "shared", "fineweb") and not corpus.startswith("local:"):
-            raise ValueError(f"profile {name}: corpus must be shakespeare, shared, fineweb or local:<dir>, "
-                             f"got {corpus!r}")
+        if corpus not in ("shakespeare", "shared", "fineweb") and not corpus.startswith(("local:", "store:")):
+            raise ValueError(f"profile {name}: corpus must be shakespeare, shared, fineweb, local:<dir> or "
+                             f"store:<artifact key prefix>, got {corpus!r}")
         return self
 
     def settings(self) -> dict:

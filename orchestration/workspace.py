@@ -19,6 +19,9 @@ import dagster as dg
 
 from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
 
+# Where nanochat keeps each phase's checkpoints under its base dir (as in the original layout).
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
+
 
 class Workspace(dg.ConfigurableResource):
     """Local scratch space for runs: $NANOCHAT_WORKSPACE, else .nanochat-dagster/work in the current directory."""
@@ -37,12 +40,16 @@ def nanochat_env(run_dir: Path) -> dict[str, str]:
     return {"NANOCHAT_BASE_DIR": str(run_dir), "NANOCHAT_DATA_DIR": str(run_dir / "base_data")}
 
 
-def upstream_metadata(context: dg.AssetExecutionContext, asset_key: str) -> dict:
-    """The metadata of an upstream asset's latest materialization (its artifact key, sha256, step, ...)."""
+def upstream_metadata(context, asset_key: str) -> dict:
+    """
+    The metadata of an asset's latest materialization (its artifact key, sha256, step, ...), plus
+    `dagster_run_id`: the run that produced it. Evals key their history rows by that run, so re-evaluating a
+    checkpoint in a later run replaces its rows instead of adding a second set.
+    """
     event = context.instance.get_latest_materialization_event(dg.AssetKey(asset_key))
     if event is None or event.asset_materialization is None:
         raise dg.Failure(f"upstream asset {asset_key!r} has never been materialized; materialize it first")
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return {**{k: v.value for k, v in event.asset_materialization.metadata.items()}, "dagster_run_id": event.run_id}
 
 
 def fetch_into(store: ArtifactStore, key: str, dest: Path) -> Path:
@@ -59,6 +66,20 @@ def fetch_upstream(context, store: ArtifactStore, asset_key: str, dest: Path) ->
     meta = upstream_metadata(context, asset_key)
     fetch_into(store, meta["key"], dest)
     return meta
+
+
+def fetch_inputs(context, store: ArtifactStore, inputs: dict[str, str], run_dir: Path, model_tag: str) -> dict:
+    """
+    Fetch upstream artifacts into run_dir laid out as a nanochat base dir ({asset: directory}: checkpoints go
+    under <phase dir>/<model tag>/, shards and the tokenizer directly under their directory). Returns
+    {asset: its upstream metadata}. A store fault retries the step.
+    """
+    fetched = {}
+    for asset, where in inputs.items():
+        dest = run_dir / where / model_tag if where in PHASE_DIRS.values() else run_dir / where
+        with retry_on_store_faults():
+            fetched[asset] = fetch_upstream(context, store, asset, dest)
+    return fetched
 
 
 def publish_checkpoint(store: ArtifactStore, checkpoint_dir: Path, step: int, key: str, staging: Path,

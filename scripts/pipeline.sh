@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tiny pipeline as Dagster assets: raw_shards -> tokenizer -> base -> mid -> SFT checkpoints, materialized
-# from the command line against the local artifact store and a local DuckDB eval history (no server needed).
+# The README's main command: the whole tiny pipeline as Dagster assets (raw_shards -> tokenizer -> base checkpoint
+# -> base_eval -> mid -> SFT checkpoints -> chat_eval -> promoted_model -> report, with their checks), materialized
+# from the command line on CPU against the local artifact store and a local DuckDB eval history (no server needed).
 # Everything lands in .nanochat-dagster/ (override with the variables below); open the UI afterwards to see it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,12 +20,15 @@ if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
 fi
 
 start=$(date +%s)
-.venv/bin/dagster asset materialize -m orchestration.definitions \
-    --select 'raw_shards,tokenizer,base_checkpoint,mid_checkpoint,sft_checkpoint'
+.venv/bin/dagster asset materialize -m orchestration.definitions --select '*'
 echo "== done in $(( $(date +%s) - start ))s"
-echo "artifacts:    $NANOCHAT_ARTIFACTS"
-echo "eval history: $NANOCHAT_DUCKDB"
-.venv/bin/nanochat-evals --db "$NANOCHAT_DUCKDB" history --metric val_bpb
+.venv/bin/python -m orchestration.run_summary
+echo
+echo "artifacts:      $NANOCHAT_ARTIFACTS"
+echo "promoted model: $NANOCHAT_ARTIFACTS/promoted/latest.json"
+echo "report card:    $(ls -t "$NANOCHAT_ARTIFACTS"/report/*/*/*/report.md 2>/dev/null | head -1)"
+echo "eval history:   $NANOCHAT_DUCKDB"
+.venv/bin/nanochat-evals --db "$NANOCHAT_DUCKDB" latest
 echo
 echo "UI:     DAGSTER_HOME=$DAGSTER_HOME .venv/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000"
-echo "query:  .venv/bin/nanochat-evals --db $NANOCHAT_DUCKDB best --metric val_bpb --lower-is-better"
+echo "query:  .venv/bin/nanochat-evals --db $NANOCHAT_DUCKDB history --metric 'CORE[18/22]'"

@@ -30,8 +30,15 @@ def test_definitions_load_with_every_stage():
 
     definitions = defs()
     keys = {k.to_user_string() for k in definitions.resolve_asset_graph().get_all_asset_keys()}
-    assert {"raw_shards", "tokenizer", "base_checkpoint", "mid_checkpoint", "sft_checkpoint"} <= keys
+    assert keys == {"raw_shards", "tokenizer", "base_checkpoint", "base_eval", "mid_checkpoint", "sft_checkpoint",
+                    "chat_eval", "promoted_model", "report"}
     assert {"artifacts", "workspace", "profile", "launcher", "duckdb"} <= set(definitions.resources)
+    graph = definitions.resolve_asset_graph()
+    check_keys = {f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys}
+    assert check_keys == {"base_checkpoint:finite_loss", "mid_checkpoint:finite_loss", "sft_checkpoint:finite_loss",
+                          "base_eval:core_not_regressed", "chat_eval:chatcore_not_regressed"}
+    assert {s.name for s in definitions.sensors} == {"new_shards", "new_promoted_model"}
+    assert {s.name for s in definitions.schedules} == {"weekly_retrain"}
 
 
 def test_bad_profile_is_a_clear_error():

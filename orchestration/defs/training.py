@@ -5,6 +5,7 @@ time: pool "gpu"), and publishes the final step's checkpoint (model + meta) back
 """
 
 
+import math
 from pathlib import Path
 
 import dagster as dg
@@ -15,8 +16,9 @@ from orchestration.artifact_store import ArtifactStore
 from orchestration.launcher import TorchrunLauncher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
+    PHASE_DIRS,
     Workspace,
-    fetch_upstream,
+    fetch_inputs,
     git_sha,
     loss_table,
     nanochat_env,
@@ -24,20 +26,20 @@ from orchestration.workspace import (
     retry_on_store_faults,
 )
 
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
-
 
 def record_history(duckdb: DuckDBResource, context, profile: RunProfile, stage: str, checkpoint_id: str, uri: str,
-                   step: int, scores: dict[str, dict[str, float]]) -> None:
+                   step: int, scores: dict[str, dict[str, float]], tokens_seen: int | None = None) -> None:
     """The run, its checkpoint and its training-time scores, in the eval history (idempotent, short transaction)."""
     settings = profile.settings()
     with eval_store.connect_rw(duckdb.database) as conn:
         eval_store.record_run(conn, context.run.run_id, profile=profile.name.value, depth=settings["depth"],
                               git_sha=git_sha(), config=settings, dagster_run_id=context.run.run_id)
-        eval_store.record_checkpoint(conn, checkpoint_id, run_id=context.run.run_id, stage=stage, step=step, uri=uri)
+        eval_store.record_checkpoint(conn, checkpoint_id, run_id=context.run.run_id, stage=stage, step=step, uri=uri,
+                                     tokens_seen=tokens_seen)
         if scores:
             eval_store.record_eval_results(conn, context.run.run_id, stage, checkpoint_id, scores,
-                                           profile=profile.name.value, depth=settings["depth"])
+                                           profile=profile.name.value, depth=settings["depth"],
+                                           tokens_seen=tokens_seen)
 
 
 def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[str, str], profile: RunProfile,
@@ -47,12 +49,8 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     settings = profile.settings()
     tag = profile.model_tag
     run_dir = workspace.run_dir(context)
-    lineage = {}
-    for asset, where in inputs.items():
-        # Checkpoints live under <phase dir>/<model tag>/; shards and the tokenizer directly under their dir.
-        dest = run_dir / where / tag if where in PHASE_DIRS.values() else run_dir / where
-        with retry_on_store_faults():
-            lineage[f"{asset}_sha256"] = fetch_upstream(context, artifacts, asset, dest)["sha256"]
+    fetched = fetch_inputs(context, artifacts, inputs, run_dir, tag)
+    lineage = {f"{asset}_sha256": meta["sha256"] for asset, meta in fetched.items()}
 
     result, messages, wall = launcher.run(context, module, [*args, f"--device-type={settings['device_type']}"],
                                           settings["nproc_per_node"], nanochat_env(run_dir))
@@ -72,8 +70,15 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
               "num_params", "total_training_time"):
         if result.get(k) is not None:
             metadata[k] = result[k]
-    scores = {"validation": {k: float(result[k]) for k in ("val_bpb", "val_loss") if result.get(k) is not None}}
-    record_history(duckdb, context, profile, stage, info.sha256, info.uri, step, {k: v for k, v in scores.items() if v})
+    # Tokens the model has seen in this stage (SFT counts examples, not a token budget).
+    tokens_seen = step * settings["total_batch_size"] if stage in ("base", "mid") else None
+    if tokens_seen is not None:
+        metadata["tokens_seen"] = tokens_seen
+    # A non-finite loss is not recorded (DuckDB history holds numbers); the no_nan_loss check then blocks promotion.
+    scores = {"validation": {k: float(result[k]) for k in ("val_bpb", "val_loss")
+                             if result.get(k) is not None and math.isfinite(result[k])}}
+    record_history(duckdb, context, profile, stage, info.sha256, info.uri, step, {k: v for k, v in scores.items() if v},
+                   tokens_seen)
     if result.get("samples"):
         metadata["samples"] = dg.MetadataValue.md("\n".join(f"- `{s!r}`" for s in result["samples"]))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(info.sha256))

@@ -1,0 +1,90 @@
+"""
+Asset checks that gate promotion. They are blocking: when one fails with ERROR severity inside a run, the assets
+downstream of it (promoted_model, report) are not materialized in that run.
+
+- finite losses on every training stage (a NaN/inf loss or bpb means the checkpoint is garbage);
+- CORE (base_eval) and ChatCORE (chat_eval) not below the promoted model of the same profile and size by more
+  than the profile's promotion_tolerance. Only scores with the same coverage label are compared (a CORE[18/22]
+  is never held against a full CORE); an incomparable or missing score is a WARN, which does not block.
+"""
+
+
+import math
+
+import dagster as dg
+
+from orchestration.artifact_store import ArtifactStore
+from orchestration.profiles import RunProfile
+from orchestration.promotion import profile_key, read_pointer
+
+LOSS_KEYS = ("final_loss", "val_bpb", "min_val_bpb", "val_loss")
+
+
+def latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{asset} has no materialization to check")
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def finite_loss_check(asset: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset, name="finite_loss", blocking=True,
+                    description=f"{asset}'s reported losses and bpb are finite numbers (no NaN or inf)")
+    def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        meta = latest_metadata(context, asset)
+        values = {k: meta[k] for k in LOSS_KEYS if isinstance(meta.get(k), (int, float))}
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        return dg.AssetCheckResult(passed=not bad, severity=dg.AssetCheckSeverity.ERROR,
+                                   metadata={"checked": ", ".join(values) or "none reported",
+                                             "non_finite": ", ".join(f"{k}={v}" for k, v in bad.items()) or "none"})
+    return _check
+
+
+base_checkpoint_finite_loss = finite_loss_check("base_checkpoint")
+mid_checkpoint_finite_loss = finite_loss_check("mid_checkpoint")
+sft_checkpoint_finite_loss = finite_loss_check("sft_checkpoint")
+
+
+def regression_result(score, label, promoted: dict | None, tolerance: float, what: str) -> dg.AssetCheckResult:
+    """Compare a new score with the promoted model's score of the same label (see the module docstring)."""
+    meta = {"score": score, "label": label, "tolerance": tolerance}
+    warn = dg.AssetCheckSeverity.WARN
+    if score is None or not math.isfinite(score):
+        return dg.AssetCheckResult(passed=False, severity=warn,
+                                   metadata={**meta, "reason": f"no {what} was computed (see the asset's skip note)"})
+    if promoted is None:
+        return dg.AssetCheckResult(passed=True, metadata={**meta, "reason": "no promoted model yet: nothing to beat"})
+    scores = promoted.get("scores") or {}
+    if scores.get(f"{what}_label") != label or scores.get(what) is None:
+        return dg.AssetCheckResult(passed=False, severity=warn, metadata={
+            **meta, "promoted_label": str(scores.get(f"{what}_label")),
+            "reason": f"the promoted model's {what} covers different tasks: not comparable"})
+    floor = scores[what] - tolerance
+    return dg.AssetCheckResult(
+        passed=score >= floor, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={**meta, "promoted": scores[what], "floor": floor,
+                  "promoted_checkpoint": promoted["checkpoint"]["sha256"]})
+
+
+def promoted_for(profile: RunProfile, artifacts: ArtifactStore) -> dict | None:
+    return read_pointer(artifacts, profile_key(profile.name.value, profile.model_tag))
+
+
+@dg.asset_check(asset="base_eval", blocking=True,
+                description="CORE is not below the promoted model's CORE (same profile, size and task coverage) "
+                            "by more than promotion_tolerance")
+def core_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfile,
+                       artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    meta = latest_metadata(context, "base_eval")
+    return regression_result(meta.get("core"), meta.get("core_label"), promoted_for(profile, artifacts),
+                             profile.settings()["promotion_tolerance"], "core")
+
+
+@dg.asset_check(asset="chat_eval", blocking=True,
+                description="The SFT model's ChatCORE is not below the promoted model's (same profile, size and "
+                            "task coverage) by more than promotion_tolerance")
+def chatcore_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfile,
+                           artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    meta = latest_metadata(context, "chat_eval")
+    return regression_result(meta.get("chatcore"), meta.get("chatcore_label"), promoted_for(profile, artifacts),
+                             profile.settings()["promotion_tolerance"], "chatcore")

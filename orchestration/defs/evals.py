@@ -1,0 +1,177 @@
+"""
+base_eval: CORE + bits per byte + samples of the base checkpoint (nanochat.base_eval).
+chat_eval: ChatCORE and its six tasks for the mid and SFT checkpoints (nanochat.chat_eval).
+
+Both run the nanochat entry point under torchrun through Dagster Pipes (pool "gpu", like training), write every
+score to the DuckDB eval history and a results.json beside the checkpoints in the artifact store, and put score
+tables in the asset's metadata. History rows are keyed by the run that *trained* the checkpoint, so evaluating
+the same checkpoint again replaces its rows rather than adding a second set.
+
+A partial suite is labelled with its coverage (CORE[18/22], ChatCORE[5/6]) everywhere it is stored, so it is
+never compared with a full score. Missing eval data never fails the pipeline: the asset says what it skipped
+and how to get the data.
+"""
+
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from orchestration import eval_store
+from orchestration.artifact_store import ArtifactStore
+from orchestration.launcher import TorchrunLauncher
+from orchestration.profiles import RunProfile
+from orchestration.workspace import (
+    PHASE_DIRS,
+    Workspace,
+    fetch_inputs,
+    git_sha,
+    nanochat_env,
+    retry_on_store_faults,
+)
+
+CHAT_STAGES = ("mid", "sft")
+
+
+def record_scores(duckdb: DuckDBResource, profile: RunProfile, stage: str, checkpoint: dict,
+                  scores: dict[str, dict[str, float]]) -> int:
+    """Record {task: {metric: value}} for an upstream checkpoint (its metadata: sha256, uri, step, run id)."""
+    settings = profile.settings()
+    run_id = checkpoint["dagster_run_id"]
+    with eval_store.connect_rw(duckdb.database) as conn:
+        # The checkpoint row normally exists (its training asset wrote it); re-recording it is idempotent and
+        # keeps the history whole when the database was reset between training and evaluation.
+        eval_store.record_checkpoint(conn, checkpoint["sha256"], run_id=run_id, stage=stage,
+                                     step=int(checkpoint["step"]), uri=checkpoint["uri"],
+                                     tokens_seen=checkpoint.get("tokens_seen"))
+        return eval_store.record_eval_results(conn, run_id, stage, checkpoint["sha256"], scores,
+                                              profile=profile.name.value, depth=settings["depth"],
+                                              tokens_seen=checkpoint.get("tokens_seen"))
+
+
+def score_table(columns: list[str], rows: dict[str, list]) -> str:
+    """A markdown table: one row per task, one column per stage/metric (blank where a value is missing)."""
+    def cell(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| task | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {task} | " + " | ".join(cell(v) for v in values) + " |" for task, values in rows.items()]
+    return "\n".join(lines)
+
+
+def samples_md(samples: list) -> str:
+    def one(s):
+        return f"- **{s[0]}** → `{s[1]!r}`" if isinstance(s, (list, tuple)) and len(s) == 2 else f"- `{s!r}`"
+    return "\n".join(one(s) for s in samples)
+
+
+def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile, launcher: TorchrunLauncher):
+    settings = profile.settings()
+    return launcher.run(context, module, [*args, f"--device-type={settings['device_type']}"],
+                        settings["nproc_per_node"], nanochat_env(run_dir))
+
+
+@dg.asset(group_name="evaluation", code_version="1", deps=["base_checkpoint", "tokenizer", "raw_shards"], pool="gpu",
+          kinds={"pytorch", "duckdb"})
+def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
+              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """CORE (the DCLM in-context suite, centred accuracy), train/val bits per byte and samples of the base model."""
+    s = profile.settings()
+    tag = profile.model_tag
+    run_dir = workspace.run_dir(context)
+    fetched = fetch_inputs(context, artifacts, {"raw_shards": "base_data", "tokenizer": "tokenizer",
+                                                "base_checkpoint": PHASE_DIRS["base"]}, run_dir, tag)
+    checkpoint = fetched["base_checkpoint"]
+    args = ["--source=base", f"--model-tag={tag}", f"--step={int(checkpoint['step'])}",
+            f"--max-per-task={s['core_max_per_task']}", f"--split-tokens={s['eval_tokens']}",
+            f"--device-batch-size={s['device_batch_size']}", f"--output={run_dir / 'base_eval.json'}"]
+    result, _, wall = run_eval(context, "nanochat.base_eval", args, run_dir, profile, launcher)
+
+    # History rows: the aggregate under task "all" with its coverage label as the metric name, each task's
+    # accuracy and centred accuracy, and bpb on both splits.
+    scores: dict[str, dict[str, float]] = {}
+    tasks = result.get("core_tasks") or {}
+    if result.get("core") is not None:
+        scores[eval_store.AGGREGATE_TASK] = {result["core_label"]: float(result["core"])}
+        for label, t in tasks.items():
+            scores[label] = {"accuracy": float(t["accuracy"]), "centered": float(t["centered"])}
+    bpb = {k: float(result[k]) for k in ("train_bpb", "val_bpb") if result.get(k) is not None}
+    if bpb:
+        scores["bpb"] = bpb
+    rows = record_scores(duckdb, profile, "base", checkpoint, scores) if scores else 0
+
+    with retry_on_store_faults():
+        info = artifacts.write_json(f"{checkpoint['key']}/evals/base_eval.json", result)
+    metadata = {
+        "core": result.get("core"), "core_label": result.get("core_label"),
+        "core_tasks_covered": result.get("core_tasks_covered"), "core_tasks_total": result.get("core_tasks_total"),
+        "core_missing": ", ".join(result.get("core_missing") or []) or "none",
+        "core_examples_per_sec": result.get("core_examples_per_sec"),
+        "train_bpb": result.get("train_bpb"), "val_bpb": result.get("val_bpb"),
+        "results_uri": info.uri, "results_sha256": info.sha256, "checkpoint_sha256": checkpoint["sha256"],
+        "checkpoint_step": int(checkpoint["step"]), "model_tag": tag, "profile": profile.name.value,
+        "duckdb_rows": rows, "wall_time_s": round(wall, 1), "git_sha": git_sha(),
+    }
+    if tasks:
+        metadata["core_tasks"] = dg.MetadataValue.md(score_table(
+            ["accuracy", "centered", "baseline %", "examples"],
+            {k: [t["accuracy"], t["centered"], t["random_baseline"], t["examples"]] for k, t in tasks.items()}))
+    for reason in ("core_skipped", "bpb_skipped"):
+        if result.get(reason):
+            metadata[reason] = result[reason]
+            context.log.warning(f"base_eval: {reason.replace('_', ' ')}: {result[reason]}")
+    if result.get("samples"):
+        metadata["samples"] = dg.MetadataValue.md(samples_md(result["samples"]))
+    return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None},
+                                data_version=dg.DataVersion(info.sha256))
+
+
+@dg.asset(group_name="evaluation", code_version="1", deps=["mid_checkpoint", "sft_checkpoint", "tokenizer"],
+          pool="gpu", kinds={"pytorch", "duckdb"})
+def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
+              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    """ChatCORE (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee) of the mid and SFT checkpoints."""
+    s = profile.settings()
+    tag = profile.model_tag
+    run_dir = workspace.run_dir(context)
+    fetched = fetch_inputs(context, artifacts, {"tokenizer": "tokenizer", "mid_checkpoint": PHASE_DIRS["mid"],
+                                                "sft_checkpoint": PHASE_DIRS["sft"]}, run_dir, tag)
+    results, rows, wall, result_shas = {}, 0, 0.0, []
+    for stage in CHAT_STAGES:
+        checkpoint = fetched[f"{stage}_checkpoint"]
+        args = [f"--source={stage}", f"--model-tag={tag}", f"--step={int(checkpoint['step'])}",
+                f"--max-per-task={s['chat_max_per_task']}", f"--max-new-tokens={s['chat_max_new_tokens']}",
+                f"--num-samples={s['chat_num_samples']}", f"--temperature={s['chat_temperature']}",
+                f"--output={run_dir / f'chat_eval_{stage}.json'}"]
+        result, _, seconds = run_eval(context, "nanochat.chat_eval", args, run_dir, profile, launcher)
+        results[stage], wall = result, wall + seconds
+        scores: dict[str, dict[str, float]] = {}
+        if result.get("chatcore") is not None:
+            scores[eval_store.AGGREGATE_TASK] = {result["chatcore_label"]: float(result["chatcore"])}
+        for task, t in (result.get("chat_tasks") or {}).items():
+            scores[task] = {k: float(t[k]) for k in ("accuracy", "centered", "pass_at_k") if t.get(k) is not None}
+        if scores:
+            rows += record_scores(duckdb, profile, stage, checkpoint, scores)
+        with retry_on_store_faults():
+            info = artifacts.write_json(f"{checkpoint['key']}/evals/chat_eval.json", result)
+        result_shas.append(info.sha256)
+        for task, reason in (result.get("chat_missing") or {}).items():
+            context.log.warning(f"chat_eval {stage}: skipped {task}: {reason}")
+
+    metadata: dict = {"model_tag": tag, "profile": profile.name.value, "duckdb_rows": rows,
+                      "wall_time_s": round(wall, 1), "git_sha": git_sha()}
+    tasks = sorted({t for r in results.values() for t in (r.get("chat_tasks") or {})})
+    for stage, r in results.items():
+        metadata[f"chatcore_{stage}"] = r.get("chatcore")
+        metadata[f"{stage}_checkpoint_sha256"] = fetched[f"{stage}_checkpoint"]["sha256"]
+    metadata["chatcore_label"] = results["sft"].get("chatcore_label")
+    metadata["chatcore"] = results["sft"].get("chatcore")  # the model promotion cares about
+    missing = results["sft"].get("chat_missing") or {}
+    metadata["chat_missing"] = dg.MetadataValue.json(missing) if missing else "none"
+    if tasks:
+        metadata["chat_tasks"] = dg.MetadataValue.md(score_table(
+            [f"{stage} accuracy" for stage in CHAT_STAGES],
+            {t: [(results[st].get("chat_tasks") or {}).get(t, {}).get("accuracy") for st in CHAT_STAGES]
+             for t in tasks}))
+    if results["sft"].get("samples"):
+        metadata["samples"] = dg.MetadataValue.md(samples_md(results["sft"]["samples"]))
+    return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None},
+                                data_version=dg.DataVersion("-".join(sha[:16] for sha in result_shas)))

@@ -1,0 +1,57 @@
+"""
+The promotion pointer: a small JSON document in the artifact store naming the model the chat app should serve.
+
+    promoted/latest.json                    the most recently promoted model, whatever its profile
+    promoted/<profile>/<model tag>/latest.json   the promoted model of one profile and size (regression gates
+                                            compare a new model with this one)
+    promoted/history/<utc time>_<sha12>.json     every promotion ever made, never overwritten
+
+Each write is atomic (the store publishes a JSON object in one step), the history entry is written first and
+the global pointer last, so a reader never sees a pointer whose history is missing. The pointer only names
+artifacts that are already published (checkpoint and tokenizer directories with their manifests).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from orchestration.artifact_store import ArtifactStore
+
+LATEST_KEY = "promoted/latest.json"
+POINTER_VERSION = 1
+
+
+def profile_key(profile: str, model_tag: str) -> str:
+    return f"promoted/{profile}/{model_tag}/latest.json"
+
+
+def read_pointer(store: ArtifactStore, key: str = LATEST_KEY) -> dict[str, Any] | None:
+    """The pointer at key, or None when nothing was promoted there yet. A malformed pointer is an error."""
+    if not store.exists(key):
+        return None
+    pointer = store.read_json(key)
+    fields = ("checkpoint", "tokenizer", "scores", "promoted_at")
+    missing = [k for k in fields if k not in pointer] if isinstance(pointer, dict) else list(fields)
+    if missing:
+        raise ValueError(f"{store.uri(key)} is not a promotion pointer (missing {missing}); re-materialize "
+                         "promoted_model to rewrite it")
+    return pointer
+
+
+def write_pointer(store: ArtifactStore, pointer: dict[str, Any]) -> dict[str, str]:
+    """Publish a promotion: history entry, then the profile's pointer, then the global one. Returns their URIs."""
+    for part in ("checkpoint", "tokenizer"):
+        key = pointer[part]["key"]
+        if not store.is_published(key):
+            raise ValueError(f"cannot promote: the {part} artifact {store.uri(key)} is not (completely) published")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    pointer = {**pointer, "version": POINTER_VERSION, "promoted_at": pointer.get("promoted_at") or stamp}
+    keys = {
+        "history": f"promoted/history/{stamp}_{pointer['checkpoint']['sha256'][:12]}.json",
+        "profile": profile_key(pointer["profile"], pointer["checkpoint"]["model_tag"]),
+        "latest": LATEST_KEY,
+    }
+    for key in keys.values():
+        store.write_json(key, pointer)
+    return {name: store.uri(key) for name, key in keys.items()}
