@@ -1,0 +1,10 @@
+"""
+The chat app: `python -m app` serves the promoted model in a Gradio chat.
+
+    chat.py      input checks, conversation -> prompt (with truncation), streaming and rendering a reply
+    models.py    which checkpoints exist, loading one shared model, switching, watching for promotions
+    scores.py    the eval history (DuckDB) for the Scores tab
+    ui.py        the Gradio Blocks: Chat and Scores tabs
+    __main__.py  command line, /health, launch
+    demo.py      a tiny demo store to try it without the pipeline; screenshot.py: README screenshots
+"""
