@@ -9,13 +9,20 @@ its Pipes messages to stderr, which the client reads back from the pod's log.
 The pod's filesystem is not the Dagster host's. The run directory the asset prepared (inputs fetched, checkpoints
 expected) reaches the pod through a shared PersistentVolumeClaim (`workspace_claim`) mounted at `base_dir`;
 environment values and reported paths are translated between the two views of that directory.
+
+Multi-node (`nnodes > 1`): one pod per node, all alike but for their node rank. Dagster launches node 0 through
+PipesK8sClient (global rank 0 lives there and reports back); run() itself creates the other nodes' pods and a headless
+Service that gives every pod a stable DNS name (`<name>-<i>.<name>`), and deletes them when node 0 finishes. The pods
+meet through torchrun's c10d rendezvous hosted by node 0 on `rdzv_port`; see infra/README.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
+import secrets
 import shlex
 import time
 from types import SimpleNamespace
@@ -29,7 +36,7 @@ from kubernetes.utils import parse_quantity
 from pydantic import field_validator, model_validator
 from urllib3.exceptions import HTTPError
 
-from orchestration.launcher import reported_exception
+from orchestration.launcher import rendezvous_args, reported_exception
 
 # Kubernetes object names (Secrets, ServiceAccounts, claims, namespaces) are DNS-1123 subdomains.
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -37,6 +44,8 @@ _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 _CREDENTIAL_ENV = re.compile(r"(^|_)(SECRET|PASSWORD|TOKEN|ACCESS_KEY)(_|$)", re.IGNORECASE)
 _OPERATORS = ("Equal", "Exists")
 _EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute", "")
+# The label that ties a multi-node job's pods to its headless Service.
+RENDEZVOUS_LABEL = "nanochat.rendezvous"
 
 
 def _check_name(value: str, field: str) -> str:
@@ -133,6 +142,11 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
     # 0 = no limit.
     timeout_seconds: int = 72 * 3600
     delete_pod_on_completion: bool = True  # False keeps finished pods for `kubectl logs` / `describe`
+    # Multi-node training: nnodes pods of gpus_per_pod GPUs each (e.g. 2 x 8 for d20/d32 on two nodes). The processes
+    # per pod are still the profile's nproc_per_node; its total_batch_size must divide by nnodes x nproc_per_node x
+    # device_batch_size x max_seq_len (d20 on 2 x 8 needs device_batch_size=16).
+    nnodes: int = 1
+    rdzv_port: int = 29400  # where node 0's torchrun hosts the c10d rendezvous store
 
     @field_validator("image")
     @classmethod
@@ -146,6 +160,20 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
     def _non_negative(cls, v: int, info) -> int:
         if v < 0:
             raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+        return v
+
+    @field_validator("nnodes")
+    @classmethod
+    def _nodes(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"nnodes must be at least 1, got {v}")
+        return v
+
+    @field_validator("rdzv_port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 < v < 65536:
+            raise ValueError(f"rdzv_port must be a TCP port (1-65535), got {v}")
         return v
 
     @field_validator("poll_interval_seconds")
@@ -206,8 +234,19 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
             raise ValueError("load_incluster_config=True ignores kubeconfig_file/kube_context; set one or the other")
         return self
 
-    def command(self, module: str, args: list[str], nproc: int) -> list[str]:
+    def command(self, module: str, args: list[str], nproc: int, node_rank: int = 0, rendezvous: str = "") -> list[str]:
         # torch.distributed.run is what the `torchrun` script runs; going through `python` keeps one setting.
+        if self.nnodes > 1:
+            if not rendezvous:
+                raise dg.Failure("a multi-node command needs the job's rendezvous name (see rendezvous_name)")
+            # c10d ignores --node_rank and orders nodes by the address they announce: each pod announces its own
+            # DNS name, which sorts like its node rank, so global rank 0 (the one reporting to Dagster) is node 0's.
+            # Node 0 hosts the rendezvous store (is_host), so nobody waits for its DNS record to guess that.
+            rdzv = rendezvous_args(self.nnodes, node_rank, "c10d", f"{node_host(rendezvous, 0, self.nnodes)}:"
+                                   f"{self.rdzv_port}", rendezvous, node_host(rendezvous, node_rank, self.nnodes),
+                                   is_host=node_rank == 0)
+            return [self.python, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
+                    "-m", module, *args]
         if nproc > 1:
             return [self.python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", module, *args]
@@ -223,13 +262,17 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
             raise dg.Failure(error)
         return pod_env
 
-    def pod_spec(self, module: str, args: list[str], nproc: int, env: dict[str, str]) -> dict[str, Any]:
-        """The PodSpec (camelCase, as the Kubernetes API spells it) that run() hands to PipesK8sClient."""
+    def pod_spec(self, module: str, args: list[str], nproc: int, env: dict[str, str], node_rank: int = 0,
+                 rendezvous: str = "") -> dict[str, Any]:
+        """
+        The PodSpec (camelCase, as the Kubernetes API spells it) that run() hands to PipesK8sClient; with nnodes > 1,
+        that of node `node_rank` of the job named `rendezvous` (node 0 is the Pipes pod, the others are its peers).
+        """
         self._check_processes(nproc, args)
         container: dict[str, Any] = {
             "name": "train",
             "image": self.image,
-            "command": self.command(module, args, nproc),
+            "command": self.command(module, args, nproc, node_rank, rendezvous),
             "env": [{"name": k, "value": v} for k, v in self.pod_env(env).items()],
             # A failed container's last log lines become its termination message: they reach the Dagster error.
             "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -242,6 +285,10 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
         if mounts:
             container["volumeMounts"] = mounts
         spec: dict[str, Any] = {"containers": [container], "restartPolicy": "Never"}
+        if self.nnodes > 1:
+            # With the headless Service named like the subdomain, this pod resolves as <hostname>.<subdomain>.
+            spec.update(hostname=node_host(rendezvous, node_rank, self.nnodes).split(".")[0], subdomain=rendezvous)
+            container["ports"] = [{"name": "rdzv", "containerPort": self.rdzv_port}]
         optional = {
             "volumes": volumes,
             "nodeSelector": dict(self.node_selector),
@@ -253,6 +300,29 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
         spec.update({k: v for k, v in optional.items() if v})
         return spec
 
+    def rendezvous_service(self, rendezvous: str) -> dict[str, Any]:
+        """The headless Service that gives a multi-node job's pods their DNS names (<name>-<i>.<name>)."""
+        return {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": rendezvous, "labels": {RENDEZVOUS_LABEL: rendezvous}},
+            "spec": {
+                "clusterIP": "None",
+                "selector": {RENDEZVOUS_LABEL: rendezvous},
+                # Names must resolve while the pods start, before anything could call them ready.
+                "publishNotReadyAddresses": True,
+                "ports": [{"name": "rdzv", "port": self.rdzv_port, "targetPort": self.rdzv_port}],
+            },
+        }
+
+    def worker_pods(self, module: str, args: list[str], nproc: int, env: dict[str, str],
+                    rendezvous: str) -> list[dict[str, Any]]:
+        """The pods of nodes 1..nnodes-1 (node 0 is the Pipes pod), as Pod manifests."""
+        return [{"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"name": node_host(rendezvous, rank, self.nnodes).split(".")[0],
+                              "labels": {RENDEZVOUS_LABEL: rendezvous}},
+                 "spec": self.pod_spec(module, args, nproc, env, rank, rendezvous)}
+                for rank in range(1, self.nnodes)]
+
     def client(self) -> PipesK8sClient:
         # Construction only records the settings; the kubeconfig is read when run() starts a pod.
         return PipesK8sClient(load_incluster_config=self.load_incluster_config,
@@ -262,15 +332,23 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
     def run(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
             env: dict[str, str]) -> tuple[dict, list[dict], float]:
         """Run to completion in a pod; return (reported result metadata, progress messages, wall seconds)."""
-        spec = self.pod_spec(module, args, nproc, env)
+        rendezvous = rendezvous_name(module, context.run.run_id) if self.nnodes > 1 else ""
+        spec = self.pod_spec(module, args, nproc, env, 0, rendezvous)
         validate_pod_spec(spec)  # a malformed spec fails here, not as an API error after the asset has started
+        workers = self.worker_pods(module, args, nproc, env, rendezvous) if rendezvous else []
+        for worker in workers:
+            validate_pod_spec(worker["spec"])
         command = shlex.join(spec["containers"][0]["command"])
         if 0 < nproc < self.gpus_per_pod:
             context.log.warning(f"{nproc} process(es) on a pod holding {self.gpus_per_pod} GPUs: the rest sit idle")
-        context.log.info(f"launching a pod in namespace {self.namespace} ({self.image}): {command}")
+        context.log.info(f"launching {self.nnodes} pod(s) in namespace {self.namespace} ({self.image}): {command}")
         t0 = time.time()
+        peers = _Peers(self, context, rendezvous, workers)
         try:
+            peers.start()
             invocation = self.client().run(context=context, namespace=self.namespace, base_pod_spec=spec,
+                                           base_pod_meta={"labels": {RENDEZVOUS_LABEL: rendezvous}} if rendezvous
+                                           else None,
                                            pod_wait_timeout=float(self.timeout_seconds),
                                            delete_pod_on_completion=self.delete_pod_on_completion)
         except (DagsterK8sError, kubernetes.client.ApiException, kubernetes.config.ConfigException, HTTPError) as e:
@@ -285,12 +363,24 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
                 metadata={"command": command, "namespace": self.namespace, "image": self.image,
                           "child_error": child_error or "not reported", "pod_error": str(e)},
             ) from e
+        finally:
+            peers.stop()
         wall = time.time() - t0
         result, messages = pipes_result(invocation, module)
         host_dir = env.get("NANOCHAT_BASE_DIR")
         if host_dir:  # e.g. checkpoint_dir: the pod's path of a file the asset reads next on the Dagster side
             result = {k: _rebase(v, self.base_dir, host_dir) if isinstance(v, str) else v for k, v in result.items()}
         return result, messages, wall
+
+    def core_api(self) -> kubernetes.client.CoreV1Api:
+        """The Kubernetes API, reached the way PipesK8sClient reaches it (for the peers of a multi-node job)."""
+        if self.load_incluster_config or (self.load_incluster_config is None and not self.kubeconfig_file
+                                          and not self.kube_context and os.getenv("KUBERNETES_SERVICE_HOST")):
+            kubernetes.config.load_incluster_config()
+        else:
+            kubernetes.config.load_kube_config(config_file=self.kubeconfig_file or None,
+                                               context=self.kube_context or None)
+        return kubernetes.client.CoreV1Api()
 
     def _check_processes(self, nproc: int, args: list[str]) -> None:
         if nproc < 1:
@@ -325,6 +415,59 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
                 mount["subPath"] = sub_path
             mounts.append(mount)
         return volumes, mounts
+
+
+def rendezvous_name(module: str, run_id: str, suffix: str | None = None) -> str:
+    """
+    A DNS label naming one multi-node job: its Service, its pods' subdomain and its c10d rendezvous id. The random
+    suffix keeps a retried step clear of the previous attempt's pods, which may still be terminating.
+    """
+    stage = module.rsplit(".", 1)[-1].replace("_", "-").lower()
+    suffix = secrets.token_hex(2) if suffix is None else suffix
+    return f"nanochat-{stage[:30]}-{run_id.replace('-', '')[:8]}-{suffix}".lower()
+
+
+def node_host(rendezvous: str, node_rank: int, nnodes: int) -> str:
+    """`<name>-<rank>.<name>`: a pod's DNS name in its namespace. Ranks are zero-padded so the names sort by rank."""
+    return f"{rendezvous}-{node_rank:0{len(str(nnodes - 1))}d}.{rendezvous}"
+
+
+class _Peers:
+    """The Service and the pods of nodes 1..N-1 of a multi-node job: created before node 0, deleted after it."""
+
+    def __init__(self, launcher: K8sTorchrunLauncher, context, rendezvous: str, workers: list[dict]) -> None:
+        self.launcher, self.context, self.rendezvous, self.workers = launcher, context, rendezvous, workers
+        self.api: kubernetes.client.CoreV1Api | None = None
+        self.created: list[str] = []
+
+    def start(self) -> None:
+        if not self.rendezvous:
+            return
+        self.api = self.launcher.core_api()
+        namespace = self.launcher.namespace
+        self.api.create_namespaced_service(namespace, self.launcher.rendezvous_service(self.rendezvous))
+        for pod in self.workers:
+            self.api.create_namespaced_pod(namespace, pod)
+            self.created.append(pod["metadata"]["name"])
+        self.context.log.info(f"created Service {self.rendezvous} and peer pod(s) {', '.join(self.created)}")
+
+    def stop(self) -> None:
+        # Node 0 is done (or failed): its peers would otherwise hold their GPUs until the rendezvous times out.
+        if self.api is None:
+            return
+        namespace = self.launcher.namespace
+        names = self.created if self.launcher.delete_pod_on_completion else []
+        for name in names:
+            _ignore_missing(lambda n=name: self.api.delete_namespaced_pod(n, namespace))
+        _ignore_missing(lambda: self.api.delete_namespaced_service(self.rendezvous, namespace))
+
+
+def _ignore_missing(call) -> None:
+    try:
+        call()
+    except kubernetes.client.ApiException as e:
+        if e.status != 404:
+            raise
 
 
 def pipes_result(invocation: dg.PipesClientCompletedInvocation, module: str) -> tuple[dict, list[dict]]:

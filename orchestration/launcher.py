@@ -6,6 +6,13 @@ for one process) with `PipesSubprocessClient`: rank 0 streams progress messages 
 (checkpoint dir, step, losses, tok/s, MFU) back; other ranks never touch the Pipes channel. Cancelling the run
 in the UI terminates the process tree (forward_termination); a failure raises with the exit code and the
 child's own exception, which rank 0 reports through Pipes before exiting.
+
+Multi-node: with `nnodes > 1` the same launcher starts this machine's share of a job spanning several machines
+(`torchrun --nnodes=N --node_rank=R --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT --rdzv_id=ID ...`). Dagster
+launches node 0; every other node runs the same command with its own node_rank (by hand, a scheduler, or
+`K8sTorchrunLauncher` on Kubernetes). Only global rank 0 reports through Pipes, so it must live on the node Dagster
+launched: the c10d rendezvous ignores --node_rank and orders nodes by address (`--local_addr`, else the host's
+FQDN), hence `local_addr`; the static backend honours node_rank as given. See infra/README.md.
 """
 
 from __future__ import annotations
@@ -16,14 +23,47 @@ import time
 
 import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
+from pydantic import model_validator
+
+RDZV_BACKENDS = ("c10d", "static")
 
 
 class TorchrunLauncher(dg.ConfigurableResource):
     python: str = ""  # the interpreter for the children; default: this one
     termination_timeout_seconds: float = 20.0
+    # Multi-node rendezvous (ignored when nnodes == 1, which runs `--standalone` on this machine alone).
+    nnodes: int = 1
+    node_rank: int = 0  # this machine's place among the nnodes; Dagster normally launches node 0
+    rdzv_endpoint: str = ""  # HOST:PORT of node 0, reachable from every node (c10d hosts its store there)
+    rdzv_id: str = "nanochat"  # the job's name in the rendezvous: the same on every node, new for each job
+    rdzv_backend: str = "c10d"
+    # The address this node announces (torchrun --local_addr). c10d orders nodes by it, so give node 0 the address
+    # that sorts first; it must resolve from the other nodes (rank 0's becomes MASTER_ADDR). Empty: the host's FQDN.
+    local_addr: str = ""
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TorchrunLauncher:
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be at least 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1:
+            if self.rdzv_backend not in RDZV_BACKENDS:
+                raise ValueError(f"rdzv_backend must be one of {', '.join(RDZV_BACKENDS)}, got {self.rdzv_backend!r}")
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint=HOST:PORT of node 0 (e.g. "
+                                 f"10.0.0.1:29400), got {self.rdzv_endpoint!r}")
+            if not self.rdzv_id.strip():
+                raise ValueError("rdzv_id must name the job (the same on every node)")
+        return self
 
     def command(self, module: str, args: list[str], nproc: int) -> list[str]:
         python = self.python or sys.executable
+        if self.nnodes > 1:
+            return [python, "-m", "torch.distributed.run", *rendezvous_args(
+                self.nnodes, self.node_rank, self.rdzv_backend, self.rdzv_endpoint, self.rdzv_id, self.local_addr),
+                f"--nproc_per_node={nproc}", "-m", module, *args]
         if nproc > 1:
             return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", module, *args]
@@ -54,6 +94,18 @@ class TorchrunLauncher(dg.ConfigurableResource):
         if not result:
             raise dg.Failure(f"{module} exited 0 but reported no result through Dagster Pipes")
         return result, list(invocation.get_custom_messages()), wall
+
+
+def rendezvous_args(nnodes: int, node_rank: int, backend: str, endpoint: str, rdzv_id: str,
+                    local_addr: str = "", is_host: bool | None = None) -> list[str]:
+    """torchrun's multi-node arguments (shared with K8sTorchrunLauncher so both spell them the same way)."""
+    argv = [f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--rdzv_backend={backend}",
+            f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id}"]
+    if is_host is not None:  # c10d: host the rendezvous store here, instead of guessing from the hostname
+        argv.append(f"--rdzv_conf=is_host={int(is_host)}")
+    if local_addr:
+        argv.append(f"--local_addr={local_addr}")
+    return argv
 
 
 def reported_exception(context: dg.AssetExecutionContext) -> str | None:
