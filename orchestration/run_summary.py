@@ -27,8 +27,9 @@ def summarize(instance: dg.DagsterInstance, run_id: str | None = None) -> dict:
         if stat.start_time is None or stat.end_time is None:
             continue
         child = 0.0
-        for event in stat.materialization_events:
-            wall = event.metadata.get("wall_time_s")
+        for event in stat.materialization_events:  # AssetMaterialization (or its event log entry)
+            materialization = getattr(event, "asset_materialization", None) or event
+            wall = (materialization.metadata or {}).get("wall_time_s")
             child += float(wall.value) if wall is not None else 0.0
         steps.append({"step": stat.step_key, "status": stat.status.value if stat.status else "?",
                       "step_s": stat.end_time - stat.start_time, "child_s": child})

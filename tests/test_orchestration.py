@@ -133,3 +133,21 @@ def test_bad_profile_in_run_config_is_rejected_clearly(tmp_path):
     text = " ".join(str(e.event_specific_data.error.message) for e in result.all_events
                     if getattr(e.event_specific_data, "error", None) is not None)
     assert "total_batch_size=1000 must be a multiple of" in text
+
+
+def test_launcher_is_chosen_by_environment(monkeypatch):
+    from orchestration.defs.resources import launcher
+    from orchestration.k8s_launcher import K8sTorchrunLauncher
+
+    monkeypatch.delenv("NANOCHAT_LAUNCHER", raising=False)
+    assert isinstance(launcher(), TorchrunLauncher)
+    monkeypatch.setenv("NANOCHAT_LAUNCHER", "k8s")
+    with pytest.raises(ValueError, match="needs NANOCHAT_K8S_IMAGE"):
+        launcher()
+    monkeypatch.setenv("NANOCHAT_K8S_IMAGE", "registry.example/nanochat:1")
+    monkeypatch.setenv("NANOCHAT_K8S_SECRET", "nanochat-s3")
+    k8s = launcher()
+    assert isinstance(k8s, K8sTorchrunLauncher) and k8s.env_from_secret == "nanochat-s3"
+    monkeypatch.setenv("NANOCHAT_LAUNCHER", "slurm")
+    with pytest.raises(ValueError, match="local or k8s"):
+        launcher()

@@ -139,6 +139,9 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
     assert {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()} == {"base_eval"}
     assert store.read_json(LATEST_KEY) == latest_before
+    # base_eval ran again for the same checkpoint: its rows were replaced, not duplicated.
+    with eval_store.connect_ro(db) as conn:
+        assert conn.execute("SELECT count(*) FROM eval_results").fetchone()[0] == total_rows
 
 
 def test_regression_rule():

@@ -4,6 +4,7 @@
 import importlib.util
 import os
 import shutil
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -66,6 +67,7 @@ def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace
     shards in the artifact store."""
     settings = profile.settings()
     run_dir = workspace.run_dir(context)
+    t0 = time.time()
     out = run_dir / "base_data"
     if out.exists():
         shutil.rmtree(out)
@@ -79,6 +81,6 @@ def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace
     return dg.MaterializeResult(
         metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
                   "num_shards": len(shards), "documents": docs, "corpus": settings["corpus"],
-                  "validation_shard": shards[-1].name},
+                  "validation_shard": shards[-1].name, "wall_time_s": round(time.time() - t0, 1)},
         data_version=dg.DataVersion(info.sha256),
     )

@@ -157,6 +157,7 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
             context.log.warning(f"chat_eval {stage}: skipped {task}: {reason}")
 
     metadata: dict = {"model_tag": tag, "profile": profile.name.value, "duckdb_rows": rows,
+                      "results_sha256": result_shas[-1],
                       "wall_time_s": round(wall, 1), "git_sha": git_sha()}
     tasks = sorted({t for r in results.values() for t in (r.get("chat_tasks") or {})})
     for stage, r in results.items():

@@ -95,11 +95,12 @@ def render_report(stages: dict[str, dict], profile: RunProfile, run_id: str) -> 
         out.append(f"| {asset} | {fmt(m.get('step') or m.get('checkpoint_step'))} | `{sha[:12]}` | {fmt(wall, 1)} | "
                    f"{results[asset](m) if m else 'not materialized'} |")
     out += ["", f"Training and evaluation wall time: {total / 60:.1f} min.", "", "## Training", "",
-            "| stage | parameters | tokens seen | tok/s | MFU % | final loss |", "|---|---:|---:|---:|---:|---:|"]
+            "| stage | parameters | tokens seen | tok/s | MFU % (GPU only) | final loss |",
+            "|---|---:|---:|---:|---:|---:|"]
     for stage in ("base", "mid", "sft"):
         m = stages.get(f"{stage}_checkpoint") or {}
         out.append(f"| {stage} | {fmt(m.get('num_params'))} | {fmt(m.get('tokens_seen'))} | "
-                   f"{fmt(m.get('tok_per_sec'), 0)} | {fmt(m.get('mfu'), 2)} | {fmt(m.get('final_loss'))} |")
+                   f"{fmt(m.get('tok_per_sec'), 0)} | {fmt(m.get('mfu') or None, 2)} | {fmt(m.get('final_loss'))} |")
     for asset, title in (("base_eval", "CORE per task (base)"), ("chat_eval", "ChatCORE per task")):
         table = (stages.get(asset) or {}).get("core_tasks" if asset == "base_eval" else "chat_tasks")
         if table:

@@ -1,6 +1,8 @@
 """tokenizer: BPE trained on the training shards (rustbpe), with its compression per data source."""
 
 
+import time
+
 import dagster as dg
 
 from nanochat import tok_eval, tok_train
@@ -18,16 +20,18 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     with retry_on_store_faults():
         shards = fetch_upstream(context, artifacts, "raw_shards", run_dir / "base_data")
     out_dir = run_dir / "tokenizer"
+    t0 = time.time()
     tok_train.main([f"--max-chars={settings['tok_max_chars']}", f"--vocab-size={settings['vocab_size']}",
                     f"--data-dir={run_dir / 'base_data'}", f"--out-dir={out_dir}"])
     rows = tok_eval.main(["--data-dir", str(run_dir / "base_data"), "--base-dir", str(run_dir)])
     table = tok_eval.markdown_table(rows)
+    wall = time.time() - t0
     with retry_on_store_faults():
         info = artifacts.put_dir(out_dir, f"tokenizer/{profile.name.value}/{context.run.run_id}")
     return dg.MaterializeResult(
         metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
                   "vocab_size": settings["vocab_size"], "max_chars": settings["tok_max_chars"],
                   "raw_shards_sha256": shards["sha256"], "compression": dg.MetadataValue.md(table),
-                  "git_sha": git_sha()},
+                  "git_sha": git_sha(), "wall_time_s": round(wall, 1)},
         data_version=dg.DataVersion(info.sha256),
     )
