@@ -20,7 +20,15 @@ if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
 fi
 
 start=$(date +%s)
-.venv/bin/dagster asset materialize -m orchestration.definitions --select '*'
+# Steps run one after another in the run's process (on CPU they would anyway: training and evals share the "gpu"
+# pool); the default executor would start a fresh Python, importing torch, for each of the 14 steps.
+# NANOCHAT_EXECUTOR=multiprocess gives the UI's default instead.
+if [ "${NANOCHAT_EXECUTOR:-in_process}" = "in_process" ]; then
+    config='{"execution": {"config": {"in_process": {}}}}'
+else
+    config='{}'
+fi
+.venv/bin/dagster asset materialize -m orchestration.definitions --select '*' --config-json "$config"
 echo "== done in $(( $(date +%s) - start ))s"
 .venv/bin/python -m orchestration.run_summary
 echo
