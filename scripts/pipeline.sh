@@ -40,3 +40,4 @@ echo "eval history:   $NANOCHAT_DUCKDB"
 echo
 echo "UI:     DAGSTER_HOME=$DAGSTER_HOME .venv/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000"
 echo "query:  .venv/bin/nanochat-evals --db $NANOCHAT_DUCKDB history --metric 'CORE[18/22]'"
+echo "chat:   .venv/bin/python -m app --artifacts $NANOCHAT_ARTIFACTS --duckdb $NANOCHAT_DUCKDB"
