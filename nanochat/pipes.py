@@ -9,8 +9,9 @@ it is imported only when a Pipes context is actually present, so the library run
 from __future__ import annotations
 
 import os
+import sys
 
-from nanochat.common import compute_cleanup, compute_init, is_rank0
+from nanochat.common import compute_cleanup, compute_init, get_dist_info, is_rank0
 
 
 class PipesReporter:
@@ -69,12 +70,47 @@ def loss_curve(losses: list[float], points: int = 40) -> list[list[float]]:
     return [[i + 1, round(losses[i], 5)] for i in steps]
 
 
+class _Tee:
+    """A text stream that writes to the original stream and to a log file (line-buffered, so a crash loses
+    nothing); everything else (fileno, isatty, encoding) is the original stream's."""
+
+    def __init__(self, stream, file):
+        self._stream, self._file = stream, file
+
+    def write(self, text: str) -> int:
+        self._file.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def tee_output_to_log() -> None:
+    """
+    When the launcher asks for it ($NANOCHAT_LOG_FILE), copy this process's stdout and stderr into
+    <file>.rank<R>, so that a failed run's last lines (the traceback above all) can be shown in Dagster next to
+    the exit code, for every rank, not only the one that talks Pipes.
+    """
+    path = os.environ.get("NANOCHAT_LOG_FILE")
+    if not path or isinstance(sys.stderr, _Tee):
+        return
+    _, rank, _, _ = get_dist_info()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    file = open(f"{path}.rank{rank}", "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    sys.stdout, sys.stderr = _Tee(sys.stdout, file), _Tee(sys.stderr, file)
+
+
 def run_training(train_fn, args):
     """
     The shell of every training entry point: join the process group, open the Pipes reporter (rank 0, under
     Dagster), run train_fn(args, rank, world_size, device, reporter), and always close both, reporting a
     failure to Dagster before re-raising it.
     """
+    tee_output_to_log()
     reporter = PipesReporter()  # first, so even a failing init is reported to Dagster
     try:
         _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
@@ -76,16 +78,23 @@ class TorchrunLauncher(dg.ConfigurableResource):
         context.log.info(f"launching: {shlex.join(command)}")
         client = dg.PipesSubprocessClient(forward_termination=True,
                                           termination_timeout_seconds=self.termination_timeout_seconds)
+        # Every rank tees its output here (nanochat.pipes), so a failure can show its last lines.
+        log_dir = Path(env.get("NANOCHAT_BASE_DIR") or tempfile.mkdtemp(prefix="nanochat-logs-")) / "logs"
+        log_file = log_dir / f"{module.rsplit('.', 1)[-1]}-{int(time.time())}.log"
         t0 = time.time()
         try:
-            invocation = client.run(context=context, command=command, env=env)
+            invocation = client.run(context=context, command=command, env={**env, "NANOCHAT_LOG_FILE": str(log_file)})
         except DagsterPipesExecutionError as e:
             child_error = reported_exception(context)
+            tail = log_tail(log_file)
             raise dg.Failure(
                 description=f"{module} failed after {time.time() - t0:.0f}s: {e}."
                             + (f" The child raised: {child_error}" if child_error else "")
-                            + " Its stdout/stderr are in this step's compute logs.",
-                metadata={"command": shlex.join(command), "child_error": child_error or "not reported"},
+                            + (f"\nLast output lines:\n{tail}" if tail else "")
+                            + "\nThe full stdout/stderr are in this step's compute logs.",
+                metadata={"command": shlex.join(command), "child_error": child_error or "not reported",
+                          "last_log_lines": dg.MetadataValue.text(tail or "none captured"),
+                          "log_files": str(log_dir)},
             ) from e
         wall = time.time() - t0
         result: dict = {}
@@ -94,6 +103,16 @@ class TorchrunLauncher(dg.ConfigurableResource):
         if not result:
             raise dg.Failure(f"{module} exited 0 but reported no result through Dagster Pipes")
         return result, list(invocation.get_custom_messages()), wall
+
+
+def log_tail(log_file: Path, lines: int = 20) -> str:
+    """The last lines each rank wrote (<log_file>.rank<R>), rank 0 first."""
+    parts = []
+    for path in sorted(log_file.parent.glob(log_file.name + ".rank*"), key=lambda p: int(p.suffix[5:] or 0)):
+        text = path.read_text(encoding="utf-8", errors="replace").rstrip().splitlines()[-lines:]
+        if text:
+            parts.append(f"[{path.suffix[1:]}]\n" + "\n".join(text))
+    return "\n".join(parts)
 
 
 def rendezvous_args(nnodes: int, node_rank: int, backend: str, endpoint: str, rdzv_id: str,

@@ -115,6 +115,10 @@ def test_child_crash_fails_the_asset_with_the_childs_error(tmp_path, shared_data
     assert failure.step_key == "base_checkpoint"
     message = failure.event_specific_data.error.message
     assert "failed with code 1" in message and "CUDA is not available" in message
+    # The child's last output lines (its traceback) come with the failure, not only in the compute logs.
+    assert "Last output lines:" in message and "Traceback (most recent call last)" in message
+    tail = failure.event_specific_data.user_failure_data.metadata["last_log_lines"].value
+    assert "[rank0]" in tail and "CUDA is not available" in tail
     assert not (tmp_path / "evals.duckdb").exists()  # nothing recorded for a failed stage
 
 
