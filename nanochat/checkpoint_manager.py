@@ -6,8 +6,11 @@ Save and load checkpoints in the original nanochat layout:
     <base>/<phase>_checkpoints/<model_tag>/optim_<step:06d>_rank<r>.pt optimizer shard of rank r
 
 Every file is written to a temporary name and renamed into place, so a crash mid-save never leaves a file
-that looks complete. The model file is renamed last of the rank-0 files: a model_*.pt that exists is whole,
-and its meta is already there. Loading uses torch.load(weights_only=True): a checkpoint is data, never code.
+that looks complete. The model file is the last file of a step: under torchrun every rank writes its optimizer
+shard, all ranks meet at a barrier, and only then does rank 0 write meta and model. So a model_*.pt that exists
+is whole and its meta and shards are on disk; find_last_complete_step still checks every file, because a run
+killed between the barrier and the rename, or a directory touched by hand, can leave a step half there.
+Loading uses torch.load(weights_only=True): a checkpoint is data, never code.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import atomic_write, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
@@ -73,10 +77,17 @@ def save_checkpoint(
     meta_data: dict | None,
     rank: int = 0,
 ) -> None:
-    """Rank 0 writes model + meta; every rank writes its own optimizer shard (when optimizer_data is given)."""
+    """
+    Every rank writes its own optimizer shard (when optimizer_data is given), then rank 0 writes meta + model.
+    Under torchrun every rank must call this (they meet at a barrier).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     if optimizer_data is not None:
         atomic_torch_save(optimizer_data, optim_path(checkpoint_dir, step, rank))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # model_<step>.pt is the "this step exists" marker: rank 0 must not write it while another rank is still
+        # writing its shard, or a kill of that rank in between leaves a step that --resume picks and cannot load.
+        dist.barrier()
     if rank == 0:
         if meta_data is not None:
             atomic_json_save(meta_data, meta_path(checkpoint_dir, step))
@@ -234,12 +245,39 @@ def find_largest_model(checkpoints_dir: str | os.PathLike) -> str:
     return max(tags, key=lambda t: (checkpoints_dir / t).stat().st_mtime)
 
 
+def _saved_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
+    # fullmatch: atomic_write's temp files (".model_000010.pt.<random>.tmp") never count as a saved step.
+    return [int(m.group(1)) for p in Path(checkpoint_dir).glob("model_*.pt")
+            if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+
+
 def find_last_step(checkpoint_dir: str | os.PathLike) -> int:
-    steps = [int(m.group(1)) for p in Path(checkpoint_dir).glob("model_*.pt")
-             if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+    steps = _saved_steps(checkpoint_dir)
     if not steps:
         raise FileNotFoundError(f"no model_<step>.pt checkpoints in {checkpoint_dir}")
     return max(steps)
+
+
+def missing_files(checkpoint_dir: str | os.PathLike, step: int, world_size: int) -> list[Path]:
+    """The files of a resumable step (model, meta, one optimizer shard per rank) that are not on disk."""
+    needed = [model_path(checkpoint_dir, step), meta_path(checkpoint_dir, step)]
+    needed += [optim_path(checkpoint_dir, step, r) for r in range(world_size)]
+    return [p for p in needed if not p.is_file()]
+
+
+def find_last_complete_step(checkpoint_dir: str | os.PathLike, world_size: int) -> int:
+    """
+    The newest step that --resume can load with `world_size` ranks: model, meta and every rank's optimizer
+    shard present. Newer incomplete steps (a kill mid-save) are skipped with a warning naming what is missing.
+    """
+    for step in sorted(_saved_steps(checkpoint_dir), reverse=True):
+        missing = missing_files(checkpoint_dir, step, world_size)
+        if not missing:
+            return step
+        logger.warning("skipping incomplete checkpoint step %d in %s (missing %s): it was interrupted mid-save",
+                       step, checkpoint_dir, ", ".join(p.name for p in missing))
+    raise FileNotFoundError(f"no complete checkpoint (model + meta + {world_size} optimizer shard(s)) in "
+                            f"{checkpoint_dir}; start without --resume")
 
 
 def checkpoints_dir_for(source: str, base_dir: str | os.PathLike | None = None) -> Path:

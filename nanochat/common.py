@@ -7,6 +7,7 @@ same entry point works as `python -m ...` (one process) and under `torchrun --np
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -55,12 +56,33 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], object
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+        # torch.save reports a failed write as an opaque RuntimeError ("unexpected pos ...") and keeps the
+        # real OSError only as its context: surface it, naming the file, so "disk full" reads as disk full.
+        cause = _os_error_in_chain(e)
+        if cause is None:
+            raise
+        hint = (" (the disk is full or a file-size limit was reached; free space and retry)"
+                if cause.errno in _NO_SPACE_ERRNOS else "")
+        raise OSError(cause.errno, f"could not write {path}: {cause.strerror or cause}{hint}; "
+                      "nothing was renamed into place, an existing file of that name is untouched") from e
+
+
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _os_error_in_chain(e: BaseException | None) -> OSError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def autodetect_device_type() -> str:
