@@ -111,7 +111,7 @@ class TokenizerBase:
         """Token ids of a whole conversation, and a mask that is 1 where the model is trained: the assistant's
         own output. Tool output (python_output) and everything outside assistant turns is mask 0.
         """
-        messages = _merge_system_message(conversation["messages"])
+        messages = _merge_system_message(_check_shape(conversation))
         special = self.encode_special
         ids: list[int] = []
         mask: list[int] = []
@@ -170,6 +170,30 @@ class TokenizerBase:
             raise ValueError("render_for_completion expects a conversation whose last message is the assistant's")
         ids, _ = self.render_conversation({**conversation, "messages": messages[:-1]})
         return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def _check_shape(conversation: Any) -> list[dict[str, Any]]:
+    """
+    The messages of a conversation, after checking every shape render_conversation relies on, so that bad input
+    (from a data file, the app, a fuzzer) is a ValueError naming the message, never a TypeError/KeyError from
+    deep inside, and never silently wrong ids (encode() would take a list of str for a batch).
+    """
+    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
+        raise ValueError('a conversation must be a dict with a "messages" list')
+    messages = conversation["messages"]
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f'message {i} must be a dict with "role" and "content", got {message!r:.80}')
+        content = message["content"]
+        if message["role"] == "assistant" and isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("text"), str) or "type" not in part:
+                    raise ValueError(f'message {i} part {j} must be a dict with "type" and a str "text", '
+                                     f"got {part!r:.80}")
+        elif not isinstance(content, str):
+            what = "a str or a list of parts" if message["role"] == "assistant" else "a str"
+            raise ValueError(f"message {i} ({message['role']}) content must be {what}, got {type(content).__name__}")
+    return messages
 
 
 def _merge_system_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
