@@ -1,7 +1,7 @@
 """A real headless browser for UI tests: Debian's Chromium driven by Playwright (no `playwright install`).
 
 Playwright's own browser downloads need the internet, so the tests use the distribution's `chromium` package
-(`apt-get install chromium chromium-driver`, done by .ci/run) through `executable_path`. The flags are the set
+(`apt-get install chromium chromium-driver`, scripts/system-deps.sh) through `executable_path`. The flags are the set
 verified in ENVIRONMENT.md: no sandbox (containers), no GPU, and no background traffic to Google services that
 would only time out offline.
 """
@@ -34,7 +34,7 @@ def chromium_binary() -> str:
     found = shutil.which("chromium")
     if found is None:
         raise RuntimeError("`chromium` not found on PATH: apt-get install -y chromium chromium-driver "
-                           "(.ci/run does this); never `playwright install`")
+                           "(scripts/system-deps.sh does this); never `playwright install`")
     return found
 
 

@@ -41,7 +41,7 @@ def compose_cli() -> list[str]:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     pytest.fail("no compose CLI: install Debian's docker-compose (apt-get install --no-install-recommends "
-                "docker-compose; .ci/run does) or Docker's compose plugin")
+                "docker-compose; scripts/system-deps.sh does) or Docker's compose plugin")
 
 
 def compose_config(env_file: Path, *files: str) -> subprocess.CompletedProcess:
@@ -343,7 +343,7 @@ def postgres_bin(name: str) -> str:
     found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
                                                     key=lambda p: int(p.parts[-3]), reverse=True)), None)
     if not found:
-        pytest.fail(f"{name} not found: install Debian's postgresql (apt-get install postgresql; .ci/run does)")
+        pytest.fail(f"{name} not found: install Debian's postgresql (scripts/system-deps.sh installs it)")
     return str(found)
 
 

@@ -529,7 +529,7 @@ def test_escape_attempt(host, attempt):
     run_attempt(host, attempt)
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="no bwrap: run scripts/system-deps.sh")
 @pytest.mark.parametrize("attempt", [a for a in ATTEMPTS if a.id in BWRAP_IDS], ids=BWRAP_IDS)
 def test_escape_attempt_under_bwrap(host, attempt):
     run_attempt(host, attempt, isolation="bwrap")
@@ -557,7 +557,7 @@ def test_bwrap_requested_but_missing_is_an_error(monkeypatch):
         execute_code("print(1)")
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed (.ci/run installs it)")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="no bwrap: run scripts/system-deps.sh")
 def test_bwrap_hides_the_host_filesystem(host):
     # Under bwrap the host's files are not merely refused: they do not exist. Listing / is refused by the audit
     # hook, so ask the kernel indirectly: os.path.exists makes no audited call.
@@ -630,7 +630,7 @@ def test_many_files_cannot_fill_the_disk(isolation):
     """RLIMIT_FSIZE caps each file; a tmpfs of its own caps the temp dir as a whole. Root (CI) always gets it;
     other users where they may create user namespaces."""
     if isolation == "bwrap" and shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed (.ci/run installs it)")
+        pytest.skip("bubblewrap is not installed (scripts/system-deps.sh installs it)")
     probe = execute_code("import os; s = os.statvfs('.'); print(s.f_blocks * s.f_frsize)", isolation=isolation)
     if int(probe.stdout) != 64 * 1024 * 1024:
         assert os.geteuid() != 0 or isolation == "bwrap", "root must get a size-limited temp dir"
