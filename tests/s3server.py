@@ -102,7 +102,10 @@ class SeaweedS3Server:
         # Its own session: a Ctrl-C in the test runner does not hit it, and stop() signals only this process.
         # The child keeps its own copy of the log descriptor, so ours can close right away.
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # Without the AWS_* variables of the test process: SeaweedFS also takes an identity from them, and one
+            # left by another server's fixture would shadow this server's own s3.json key of the same name.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self._wait_healthy(timeout)
 
     def _wait_healthy(self, timeout: float) -> None:
