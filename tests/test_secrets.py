@@ -156,7 +156,8 @@ def test_no_secret_reaches_any_output(canary_s3, tmp_path, shared_data, monkeypa
     secrets = [s3_secret, *planted.values(), planted["NANOCHAT_APP_AUTH"].split(":")[1]]
 
     bucket = f"canary-{uuid.uuid4().hex[:12]}"
-    s3 = boto3.client("s3", endpoint_url=server.endpoint_url, region_name=REGION,
+    # A session of its own: boto3's default session keeps the credentials it first saw (another test's server).
+    s3 = boto3.session.Session().client("s3", endpoint_url=server.endpoint_url, region_name=REGION,
                       config=Config(s3={"addressing_style": "path"}))  # fmt: skip
     s3.create_bucket(Bucket=bucket)
     store = S3ArtifactStore(bucket=bucket, prefix="runs", endpoint_url=server.endpoint_url, region_name=REGION,
