@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -53,6 +54,15 @@ def tokenizer_base_dir(tmp_path_factory, small_tokenizer):
 
 
 # --- A real S3 server (SeaweedFS) for the artifact store's tests -------------------------------------------------
+
+
+@pytest.fixture
+def base_dir(tmp_path, tokenizer_base_dir, shared_data, monkeypatch):
+    """A nanochat base dir with the session's tokenizer, reading shards from the shared pretraining sample."""
+    shutil.copytree(tokenizer_base_dir / "tokenizer", tmp_path / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(shared_data / "pretrain"))
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ the pods of a multi-node job on Kubernetes (against a fake cluster)."""
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import uuid
@@ -102,14 +101,6 @@ def final_loss(out: str) -> float:
     losses = re.findall(r"step 00008/00008 \| loss ([\d.]+)", out)
     assert len(losses) == 1, out  # printed by global rank 0 only
     return float(losses[0])
-
-
-@pytest.fixture
-def base_dir(tmp_path, tokenizer_base_dir, shared_data, monkeypatch):
-    shutil.copytree(tokenizer_base_dir / "tokenizer", tmp_path / "tokenizer")
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(shared_data / "pretrain"))
-    return tmp_path
 
 
 @pytest.mark.slow

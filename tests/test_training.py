@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,14 +20,6 @@ from nanochat.tokenizer import get_token_bytes
 
 TINY = ["--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=8", "--total-batch-size=1024",
         "--eval-tokens=4096", "--sample-every=-1", "--device-type=cpu", "--log-every=10"]
-
-
-@pytest.fixture
-def base_dir(tmp_path, tokenizer_base_dir, shared_data, monkeypatch):
-    shutil.copytree(tokenizer_base_dir / "tokenizer", tmp_path / "tokenizer")
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(shared_data / "pretrain"))
-    return tmp_path
 
 
 def run(args: list[str], nproc: int = 1, **popen) -> subprocess.Popen:

@@ -16,22 +16,16 @@ import dagster as dg
 from orchestration.artifact_store import ArtifactStore
 from orchestration.profiles import RunProfile
 from orchestration.promotion import profile_key, read_pointer
+from orchestration.workspace import upstream_metadata
 
 LOSS_KEYS = ("final_loss", "val_bpb", "min_val_bpb", "val_loss")
-
-
-def latest_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict:
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{asset} has no materialization to check")
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
 def finite_loss_check(asset: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset, name="finite_loss", blocking=True,
                     description=f"{asset}'s reported losses and bpb are finite numbers (no NaN or inf)")
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        meta = latest_metadata(context, asset)
+        meta = upstream_metadata(context, asset)
         values = {k: meta[k] for k in LOSS_KEYS if isinstance(meta.get(k), (int, float))}
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         return dg.AssetCheckResult(passed=not bad, severity=dg.AssetCheckSeverity.ERROR,
@@ -75,7 +69,7 @@ def promoted_for(profile: RunProfile, artifacts: ArtifactStore) -> dict | None:
                             "by more than promotion_tolerance")
 def core_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfile,
                        artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    meta = latest_metadata(context, "base_eval")
+    meta = upstream_metadata(context, "base_eval")
     return regression_result(meta.get("core"), meta.get("core_label"), promoted_for(profile, artifacts),
                              profile.settings()["promotion_tolerance"], "core")
 
@@ -85,6 +79,6 @@ def core_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfi
                             "task coverage) by more than promotion_tolerance")
 def chatcore_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfile,
                            artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    meta = latest_metadata(context, "chat_eval")
+    meta = upstream_metadata(context, "chat_eval")
     return regression_result(meta.get("chatcore"), meta.get("chatcore_label"), promoted_for(profile, artifacts),
                              profile.settings()["promotion_tolerance"], "chatcore")
