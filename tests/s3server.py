@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY = "testkey"
 SECRET_KEY = "testsecret"
@@ -88,15 +89,24 @@ class SeaweedS3Server:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "s3.json"
-        identity = {"name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        identity = {
+            "name": "admin",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
         config.write_text(json.dumps({"identities": [identity]}))
         cmd = [
-            weed_binary(), "mini", f"-dir={self.data_dir}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # else it listens on 0.0.0.0
+            weed_binary(),
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",  # else it listens on 0.0.0.0
             f"-s3.config={config}",  # without it the server accepts anonymous writes
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
-            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-master.telemetry=false",
         ]
         # Its own session: a Ctrl-C in the test runner does not hit it, and stop() signals only this process.
@@ -135,6 +145,43 @@ class SeaweedS3Server:
             self.proc.kill()
             self.proc.wait(timeout)
 
+    def wait_serving(self, bucket: str, timeout: float = 60.0) -> None:
+        """Wait until the bucket takes a write and serves it back. After a restart /healthz answers at once, but
+        SeaweedFS answers InternalError to reads for a few seconds (until the volume server re-registers) and can
+        stall a write for ~15 s: a test that needs the server back, not warming up, waits here."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2)
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=config,
+        )
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                client.put_object(Bucket=bucket, Key=".probe/ready", Body=b"ok")
+                if client.get_object(Bucket=bucket, Key=".probe/ready")["Body"].read() == b"ok":
+                    client.delete_object(Bucket=bucket, Key=".probe/ready")
+                    return
+            except Exception as exc:  # any error means "not yet"; the last one goes into the failure
+                last = exc
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"SeaweedFS bucket {bucket} not serving after {timeout:.0f} s: {last}; log:\n{self.log_tail()}"
+        )
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no graceful shutdown, in-flight responses cut off."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.kill()
+        self.proc.wait()
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -144,3 +191,19 @@ class SeaweedS3Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no log)"
+
+
+# --- Helpers for S3ArtifactStore tests against this server ------------------------------------------------------
+
+
+def raw_keys(store: Any) -> list[str]:
+    """Every object in the store's bucket, staging included, bypassing the store's own filtering."""
+    pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def s3_store_like(store: Any, **overrides: Any) -> Any:
+    """A new S3ArtifactStore (own boto3 client, so no event hooks of the old one) with some settings changed."""
+    from orchestration.artifact_store import S3ArtifactStore
+
+    return S3ArtifactStore(**{**store.model_dump(), **overrides})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from s3server import free_port
+from s3server import free_port, raw_keys, s3_store_like
 
 from orchestration.artifact_store import (
     MANIFEST_NAME,
@@ -42,8 +42,12 @@ def write_random(path: Path, size: int) -> bytes:
 
 
 def make_tree(root: Path) -> dict[str, bytes]:
-    files = {"config.json": b'{"n_layer": 4}\n', "sub/model.bin": os.urandom(300_000),
-             "sub/deeper/notes with space.txt": "ünïcode\n".encode(), ".hidden": b"x"}
+    files = {
+        "config.json": b'{"n_layer": 4}\n',
+        "sub/model.bin": os.urandom(300_000),
+        "sub/deeper/notes with space.txt": "ünïcode\n".encode(),
+        ".hidden": b"x",
+    }
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
@@ -55,16 +59,6 @@ def count_calls(store: S3ArtifactStore, event: str = "after-call.s3") -> Counter
     calls: Counter = Counter()
     store.client.meta.events.register(event, lambda model, **_: calls.update([model.name]))
     return calls
-
-
-def raw_keys(store: S3ArtifactStore) -> list[str]:
-    """Every object in the bucket, staging included, bypassing the store's own filtering."""
-    pages = store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket)
-    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-
-def s3_store_like(store: S3ArtifactStore, **overrides) -> S3ArtifactStore:
-    return S3ArtifactStore(**{**store.model_dump(), **overrides})
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
@@ -130,19 +124,24 @@ def test_put_dir_writes_manifest_last_and_get_dir_reuses_cache(store, tmp_path):
     calls = count_calls(store) if isinstance(store, S3ArtifactStore) else None
     published: list[str] = []
     if isinstance(store, S3ArtifactStore):  # the final keys appear through server-side copies, in this order
-        store.client.meta.events.register("before-parameter-build.s3.CopyObject",
-                                          lambda params, **_: published.append(params["Key"]))
+        store.client.meta.events.register(
+            "before-parameter-build.s3.CopyObject", lambda params, **_: published.append(params["Key"])
+        )
 
     info = store.put_dir(tmp_path / "tok", "tokenizer/run1")
 
     manifest_key = f"tokenizer/run1/{MANIFEST_NAME}"
     raw_manifest = store.get_file(manifest_key, tmp_path / "m.json").read_bytes()
     assert info.sha256 == hashlib.sha256(raw_manifest).hexdigest()
-    assert (info.key, info.uri, info.size) == ("tokenizer/run1", store.uri("tokenizer/run1"),
-                                               sum(map(len, files.values())))
+    assert (info.key, info.uri, info.size) == (
+        "tokenizer/run1",
+        store.uri("tokenizer/run1"),
+        sum(map(len, files.values())),
+    )
     manifest = json.loads(raw_manifest)
     assert {e["path"]: (e["size"], e["sha256"]) for e in manifest["files"]} == {
-        rel: (len(data), hashlib.sha256(data).hexdigest()) for rel, data in files.items()}
+        rel: (len(data), hashlib.sha256(data).hexdigest()) for rel, data in files.items()
+    }
     if isinstance(store, S3ArtifactStore):
         assert len(published) == len(files) + 1 and published[-1] == f"runs/{manifest_key}", published
     else:
@@ -248,8 +247,21 @@ def test_delete_prefix_unpublishes_and_removes(store, tmp_path):
 # --- keys ----------------------------------------------------------------------------------------------------------
 
 ODD_BUT_VALID = ["dir with space/ünïcode+plus=&?#%.bin", "a/b.c/d-e_f~g(1)", "x/.dotfile", "x/..ellipsis.."]
-INVALID = ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/", "a\\b", "", ".", "a/./b", "nul\0byte",
-           "line\nbreak", ".staging/sneaky", "k" * 1025]
+INVALID = [
+    "../escape",
+    "a/../../escape",
+    "/etc/passwd",
+    "a//b",
+    "a/",
+    "a\\b",
+    "",
+    ".",
+    "a/./b",
+    "nul\0byte",
+    "line\nbreak",
+    ".staging/sneaky",
+    "k" * 1025,
+]
 
 
 def test_odd_keys_round_trip_and_bad_keys_are_refused(store, tmp_path):
@@ -340,8 +352,9 @@ def test_server_stopping_mid_multipart_upload_leaves_no_partial_object(s3_server
     store = s3_store_like(s3_store, multipart_threshold_mb=5, multipart_chunksize_mb=5)
     write_random(tmp_path / "big.bin", 30 * MB)
 
-    error, seconds = upload_while_server_stops(s3_server, store,
-                                               lambda: store.put_file(tmp_path / "big.bin", "ckpt/big.bin"))
+    error, seconds = upload_while_server_stops(
+        s3_server, store, lambda: store.put_file(tmp_path / "big.bin", "ckpt/big.bin")
+    )
 
     assert isinstance(error, ArtifactStoreError), repr(error)
     message = str(error)
@@ -360,8 +373,7 @@ def test_server_stopping_mid_put_dir_publishes_no_manifest(s3_server, s3_store, 
     (tmp_path / "ckpt" / "meta.json").write_text('{"step": 20}')  # sorts first: uploaded before the fault
     write_random(tmp_path / "ckpt" / "model.pt", 30 * MB)
 
-    error, seconds = upload_while_server_stops(s3_server, store,
-                                               lambda: store.put_dir(tmp_path / "ckpt", "base/run7"))
+    error, seconds = upload_while_server_stops(s3_server, store, lambda: store.put_dir(tmp_path / "ckpt", "base/run7"))
 
     assert isinstance(error, ArtifactStoreError) and "base/run7/model.pt" in str(error), repr(error)
     assert seconds < 30
@@ -375,8 +387,9 @@ def test_unreachable_endpoint_fails_quickly_with_a_clear_error(tmp_path, monkeyp
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testkey")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testsecret")
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    store = S3ArtifactStore(bucket="nowhere", endpoint_url=endpoint, region_name="us-east-1", max_attempts=3,
-                            operation_retries=1)
+    store = S3ArtifactStore(
+        bucket="nowhere", endpoint_url=endpoint, region_name="us-east-1", max_attempts=3, operation_retries=1
+    )
     write_random(tmp_path / "f", 10)
 
     start = time.monotonic()
