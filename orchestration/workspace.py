@@ -9,6 +9,7 @@ from the artifact store (through its sha-keyed cache) and outputs uploaded back;
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -82,8 +83,9 @@ def fetch_inputs(context, store: ArtifactStore, inputs: dict[str, str], run_dir:
     return fetched
 
 
-def publish_checkpoint(store: ArtifactStore, checkpoint_dir: Path, step: int, key: str, staging: Path,
-                       include_optimizer: bool = False):
+def publish_checkpoint(
+    store: ArtifactStore, checkpoint_dir: Path, step: int, key: str, staging: Path, include_optimizer: bool = False
+):
     """Upload one saved step (model + meta, and optimizer shards if asked) as a directory artifact."""
     if staging.exists():
         shutil.rmtree(staging)
@@ -100,18 +102,30 @@ def publish_checkpoint(store: ArtifactStore, checkpoint_dir: Path, step: int, ke
 
 
 @contextmanager
-def retry_on_store_faults(max_retries: int = 2, seconds_to_wait: float = 10) -> Iterator[None]:
-    """An artifact-store fault (S3 down, a corrupt download) retries the step; any other error fails it."""
+def retry_on_store_faults(max_retries: int = 3) -> Iterator[None]:
+    """
+    An artifact-store fault (S3 down, a corrupt download) retries the step with exponential backoff; any other
+    error fails it at once. Not a RetryPolicy on purpose: that would also retry bugs, and re-run a week of
+    training for them. Waits: $NANOCHAT_STORE_RETRY_WAIT_S (default 10 s) doubled per retry, jittered
+    (x0.5-1, so runs hit by one outage do not come back in lockstep): 35-70 s of outage ridden out by default.
+    """
     try:
         yield
     except ArtifactStoreError as e:
-        raise dg.RetryRequested(max_retries=max_retries, seconds_to_wait=seconds_to_wait) from e
+        base = float(os.environ.get("NANOCHAT_STORE_RETRY_WAIT_S", "10"))
+        wait = base * 2 ** dg.OpExecutionContext.get().retry_number * random.uniform(0.5, 1.0)
+        raise dg.RetryRequested(max_retries=max_retries, seconds_to_wait=wait) from e
 
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
