@@ -17,9 +17,8 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.checkpoint_manager import find_last_complete_step, load_training_state, save_checkpoint
+from nanochat.checkpoint_manager import loader_states_meta, resume_training, save_checkpoint
 from nanochat.common import (
     autocast_for,
     get_base_dir,
@@ -116,15 +115,6 @@ def sample_prompts(model, tokenizer, max_tokens: int = 16) -> list[str]:
     return out
 
 
-def all_ranks(obj) -> list:
-    """`obj` from every rank, in rank order (a collective: under torchrun every rank must call it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def main(argv=None) -> dict:
     return run_training(train, parse_args(argv))
 
@@ -165,16 +155,10 @@ def train(args, rank, world_size, device, reporter) -> dict:
     loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
     val_bpb = None
     if args.resume or args.resume_from_step >= 0:
-        # The last *complete* step: a newer one that a kill cut short (a rank's shard missing) is skipped.
-        if args.resume_from_step >= 0:
-            step = args.resume_from_step
-        else:
-            step = find_last_complete_step(checkpoint_dir, world_size)
-        meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
-        # Each rank reads its own row groups, so each resumes from its own position. A checkpoint from before
-        # per-rank states were saved only has rank 0's: exact for one process, not for the other ranks.
-        rank_states = meta.get("dataloader_state_dicts")
-        loader_state = rank_states[rank] if rank_states else meta["dataloader_state_dict"]
+        # The last *complete* step unless one is named; each rank gets back its own data position.
+        from_step = args.resume_from_step if args.resume_from_step >= 0 else None
+        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size,
+                                                   from_step)
         loop_state = meta["loop_state"]
         val_bpb = meta.get("val_bpb")
         print0(f"resumed from {checkpoint_dir} step {step}")
@@ -222,8 +206,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
                 "step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": user_config,
                 "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                 "total_batch_size": args.total_batch_size, "world_size": world_size,
-                "dataloader_state_dict": state_before_xy, "dataloader_state_dicts": all_ranks(state_before_xy),
-                "loop_state": loop_state,
+                **loader_states_meta(state_before_xy), "loop_state": loop_state,
             }
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import find_last_step, load_model, load_training_state, save_checkpoint
+from nanochat.checkpoint_manager import load_model, loader_states_meta, resume_training, save_checkpoint
 from nanochat.common import (
     all_reduce_avg,
     autocast_for,
@@ -101,9 +101,9 @@ def train(args, rank, world_size, device, reporter) -> dict:
     checkpoint_dir = get_base_dir() / "chatsft_checkpoints" / tag
     step, loader_state, val_loss = 0, None, None
     if args.resume:
-        step = find_last_step(checkpoint_dir)
-        meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
-        loader_state, val_loss = meta["dataloader_state_dict"], meta.get("val_loss")
+        # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.
+        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size)
+        val_loss = meta.get("val_loss")
         print0(f"resumed SFT from {checkpoint_dir} step {step}")
     train_loader = SFTBatchLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
 
@@ -123,7 +123,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
             meta = {"step": step, "val_loss": val_loss, "model_config": model.config.to_dict(),
                     "user_config": vars(args), "world_size": world_size, "source": args.source,
                     "source_step": source_meta.get("step"),
-                    "dataloader_state_dict": train_loader.state_dict()}
+                    **loader_states_meta(train_loader.state_dict())}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)
         if last_step:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write, get_base_dir
+from nanochat.common import all_ranks, atomic_write, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 
 logger = logging.getLogger("nanochat")
@@ -158,6 +158,36 @@ def load_training_state(checkpoint_dir, step: int, model, optimizers, device, ra
     for opt, state in zip(optimizers, optim_data):
         opt.load_state_dict(state)
     return meta
+
+
+def loader_states_meta(state: dict) -> dict:
+    """
+    The meta entries for where the training data stands: every rank's loader state, in rank order, plus rank 0's
+    under the original nanochat's key. Each rank reads its own slice of the data (row groups or conversations
+    r, r+W, ...), so each must resume from its own position. A collective: under torchrun every rank calls it.
+    """
+    return {"dataloader_state_dict": state, "dataloader_state_dicts": all_ranks(state)}
+
+
+def resume_training(
+    checkpoint_dir, model, optimizers, device, rank: int, world_size: int, step: int | None = None
+) -> tuple[int, dict, dict | None]:
+    """
+    --resume for every training script: restore the model and this rank's optimizer shard from `step`, by
+    default the last *complete* one (a newer step that a kill cut short is skipped). Returns (step, meta, this
+    rank's dataloader state).
+    """
+    if step is None:
+        step = find_last_complete_step(checkpoint_dir, world_size)
+    meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
+    rank_states = meta.get("dataloader_state_dicts")
+    if rank_states:
+        return step, meta, rank_states[rank]
+    if world_size > 1:
+        # Saved before per-rank states existed: rank 0's position is exact for rank 0 only.
+        logger.warning("%s step %d holds only rank 0's dataloader position; rank %d resumes from it, so its data "
+                       "order differs from an uninterrupted run", checkpoint_dir, step, rank)
+    return step, meta, meta.get("dataloader_state_dict")
 
 
 # -----------------------------------------------------------------------------

@@ -179,6 +179,15 @@ def reduce_scatter_avg(inputs: list[torch.Tensor]) -> torch.Tensor:
     return stacked[dist.get_rank()] / world
 
 
+def all_ranks(obj) -> list:
+    """`obj` from every rank, in rank order (a collective: under torchrun every rank must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_avg(t: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks."""
     if dist.get_backend() == "nccl":

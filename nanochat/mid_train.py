@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import find_last_step, load_model, load_training_state, save_checkpoint
+from nanochat.checkpoint_manager import load_model, loader_states_meta, resume_training, save_checkpoint
 from nanochat.common import (
     autocast_for,
     get_base_dir,
@@ -82,9 +82,9 @@ def train(args, rank, world_size, device, reporter) -> dict:
     checkpoint_dir = get_base_dir() / "mid_checkpoints" / tag
     step, loader_state, val_bpb = 0, None, None
     if args.resume:
-        step = find_last_step(checkpoint_dir)
-        meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
-        loader_state, val_bpb = meta["dataloader_state_dict"], meta.get("val_bpb")
+        # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.
+        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size)
+        val_bpb = meta.get("val_bpb")
         print0(f"resumed mid-training from {checkpoint_dir} step {step}")
 
     train_set, val_set = mid_train_mixture(args.data_dir, seed=args.seed), mid_train_val(args.data_dir)
@@ -121,7 +121,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
             meta = {"step": step, "val_bpb": val_bpb, "model_config": model.config.to_dict(),
                     "user_config": vars(args), "world_size": world_size, "base_checkpoint_step": base_meta.get("step"),
-                    "dataloader_state_dict": state_before_xy, "progress": progress()}
+                    **loader_states_meta(state_before_xy), "progress": progress()}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)
         if last_step:

@@ -1,10 +1,11 @@
 """
 Training faults: kill -9 a run at random points (one process, and rank 1 of a 2-process torchrun job), then
---resume until it finishes: the final weights must be bit-identical to an uninterrupted run. A checkpoint cut
-short mid-write is never loaded, and a disk that fills up during a save leaves the previous checkpoint intact
-with an error naming the file.
+--resume until it finishes: the final weights must be bit-identical to an uninterrupted run. That holds for
+base_train, mid_train and chat_sft alike. A checkpoint cut short mid-write is never loaded, and a disk that fills
+up during a save leaves the previous checkpoint intact with an error naming the file.
 
-Quick by default (2 single-process trials, 1 torchrun trial); the full trial counts with one command:
+Quick by default (base: 2 single-process trials, 1 torchrun trial; mid and SFT: 1 of each); the full trial
+counts with one command:
 
     NANOCHAT_FAULT_TRIALS=10 .venv/bin/pytest tests/test_training_faults.py -s
 """
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,11 +36,61 @@ pytestmark = pytest.mark.slow
 TRIALS = int(os.environ.get("NANOCHAT_FAULT_TRIALS", "0"))
 SINGLE_TRIALS = TRIALS or 2  # kill -9 of a single-process run
 DDP_TRIALS = TRIALS or 1  # kill -9 of rank 1 under 2-process torchrun (each trial is ~2 torchrun launches)
+CHAT_TRIALS = TRIALS or 1  # mid_train / chat_sft, per process count
 STEPS, SAVE_EVERY = 20, 5
-TINY = ["--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=8", "--total-batch-size=1024",
-        "--eval-tokens=4096", "--sample-every=-1", "--device-type=cpu"]
+TINY = [
+    "--depth=2",
+    "--head-dim=64",
+    "--max-seq-len=64",
+    "--device-batch-size=8",
+    "--total-batch-size=1024",
+    "--eval-tokens=4096",
+    "--sample-every=-1",
+    "--device-type=cpu",
+]
 # --log-every=1: rank 0's per-step lines are the clock the kills are timed against.
 COMMON = [*TINY, f"--num-iterations={STEPS}", "--eval-every=-1", f"--save-every={SAVE_EVERY}", "--log-every=1"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training script under test: its module, arguments (without --model-tag) and checkpoint folder."""
+
+    name: str
+    module: str
+    args: tuple[str, ...]
+    phase_dir: str
+
+
+BASE = Job("base", "nanochat.base_train", tuple(COMMON), "base_checkpoints")
+# mid and SFT start from a copy of the reference base model (same tag), on the conversation mixtures of the shared
+# data. SFT starts from base so that a trial needs no mid run first.
+CHAT_COMMON = (
+    "--device-type=cpu",
+    f"--num-iterations={STEPS}",
+    "--eval-every=-1",
+    f"--save-every={SAVE_EVERY}",
+    "--log-every=1",
+)
+MID = Job(
+    "mid",
+    "nanochat.mid_train",
+    (*CHAT_COMMON, "--max-seq-len=64", "--device-batch-size=8", "--total-batch-size=1024", "--eval-tokens=512"),
+    "mid_checkpoints",
+)
+SFT = Job(
+    "sft",
+    "nanochat.chat_sft",
+    (
+        *CHAT_COMMON,
+        "--source=base",
+        "--max-seq-len=64",
+        "--device-batch-size=2",
+        "--examples-per-step=4",
+        "--eval-steps=1",
+    ),
+    "chatsft_checkpoints",
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +101,26 @@ def base(tmp_path_factory, tokenizer_base_dir, shared_data) -> Path:
     return base
 
 
-def launch(base: Path, args: list[str], nproc: int = 1) -> subprocess.Popen:
-    # NANOCHAT_DATA_DIR comes from os.environ (the data_dir fixture sets it).
+def launch(base: Path, args: list[str], nproc: int = 1, module: str = BASE.module) -> subprocess.Popen:
+    # NANOCHAT_DATA_DIR and NANOCHAT_SHARED_DATA come from os.environ (the data_dir fixture sets them).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": str(base)}
     if nproc == 1:
-        cmd = [sys.executable, "-m", "nanochat.base_train", *args]
+        cmd = [sys.executable, "-m", module, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "nanochat.base_train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            module,
+            *args,
+        ]
     # A session of its own, so the whole process group can be killed at once.
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -74,18 +135,15 @@ def finish(proc: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def data_dir(shared_data):
-    # launch() reads it from the environment; set once for the module, restored afterwards.
-    old = os.environ.get("NANOCHAT_DATA_DIR")
-    os.environ["NANOCHAT_DATA_DIR"] = str(shared_data / "pretrain")
-    yield
-    if old is None:
-        os.environ.pop("NANOCHAT_DATA_DIR", None)
-    else:
-        os.environ["NANOCHAT_DATA_DIR"] = old
+    # launch() reads them from the environment; set once for the module, restored afterwards.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_DATA_DIR", str(shared_data / "pretrain"))
+        mp.setenv("NANOCHAT_SHARED_DATA", str(shared_data))
+        yield
 
 
-def ckpt_dir(base: Path, tag: str) -> Path:
-    return base / "base_checkpoints" / tag
+def ckpt_dir(base: Path, tag: str, job: Job = BASE) -> Path:
+    return base / job.phase_dir / tag
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +189,14 @@ def _tensors(obj, prefix: str = "") -> dict:
 
 def last_complete_on_disk(directory: Path, nproc: int) -> int:
     """The test's own view of the newest resumable step: model, meta and every rank's shard are files."""
-    steps = [s for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)
-             if all((directory / n).is_file() for n in
-                    [f"model_{s:06d}.pt", f"meta_{s:06d}.json"] + [f"optim_{s:06d}_rank{r}.pt" for r in range(nproc)])]
+    steps = [
+        s
+        for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)
+        if all(
+            (directory / n).is_file()
+            for n in [f"model_{s:06d}.pt", f"meta_{s:06d}.json"] + [f"optim_{s:06d}_rank{r}.pt" for r in range(nproc)]
+        )
+    ]
     return max(steps, default=0)
 
 
@@ -166,19 +229,23 @@ def worker_with_rank(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"no torchrun worker with RANK={rank} under pid {agent_pid}")
 
 
-def kill_and_resume(base: Path, tag: str, rng: random.Random, nproc: int) -> dict:
+# A training step's log line in every script: "step 00007/00020 | loss ..." or "step 00007 (3.5%) | loss ...".
+STEP_LINE = re.compile(r"^step (\d+)\b.*\| loss ", re.M)
+
+
+def kill_and_resume(base: Path, tag: str, rng: random.Random, nproc: int, job: Job = BASE) -> dict:
     """
     Start a run, SIGKILL it (nproc=1: its process group; nproc=2: only the rank-1 worker) at a seeded random
     point after the first checkpoint, then --resume it to the end. Returns what happened, for the report.
     """
-    directory = ckpt_dir(base, tag)
+    directory = ckpt_dir(base, tag, job)
     kill_after = rng.randint(SAVE_EVERY + 1, STEPS - 1)  # a checkpoint exists by then, the run is not over
     delay = rng.uniform(0.0, 0.4)  # a step is ~0.1-0.3 s: lands anywhere in the next step, saves included
-    proc = launch(base, [*COMMON, f"--model-tag={tag}"], nproc)
+    proc = launch(base, [*job.args, f"--model-tag={tag}"], nproc, job.module)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith(f"step {kill_after:05d}/"):
+        if (m := STEP_LINE.match(line)) and int(m.group(1)) == kill_after:
             break
     else:
         proc.wait()
@@ -196,16 +263,23 @@ def kill_and_resume(base: Path, tag: str, rng: random.Random, nproc: int) -> dic
         os.killpg(proc.pid, signal.SIGKILL)
     assert not (directory / f"model_{STEPS:06d}.pt").exists(), "the run finished before it was killed"
 
-    killed_at = max(int(s) for s in re.findall(r"^step (\d+)/", killed_log, re.M))
+    killed_at = max(int(s) for s in STEP_LINE.findall(killed_log))
     logged_saves = [int(s) for s in re.findall(r"saved checkpoint step (\d+)", killed_log)]
     expected = last_complete_on_disk(directory, nproc)
-    out = finish(launch(base, [*COMMON, f"--model-tag={tag}", "--resume"], nproc))
-    resumed_from = int(re.search(r"resumed from \S+ step (\d+)", out).group(1))
+    out = finish(launch(base, [*job.args, f"--model-tag={tag}", "--resume"], nproc, job.module))
+    # "resumed from", "resumed mid-training from", "resumed SFT from"
+    resumed_from = int(re.search(r"resumed (?:\S+ )?from \S+ step (\d+)", out).group(1))
     # Resume from the newest complete checkpoint: every save the killed run reported, and none it had not finished.
     assert resumed_from == expected, (resumed_from, expected, out)
     assert max(logged_saves, default=0) <= resumed_from <= killed_at
-    return {"tag": tag, "killed_after_step": killed_at, "delay_s": round(delay, 2), "resumed_from": resumed_from,
-            "skipped_incomplete": re.findall(r"skipping incomplete checkpoint step (\d+)", out)}
+    return {
+        "job": job.name,
+        "tag": tag,
+        "killed_after_step": killed_at,
+        "delay_s": round(delay, 2),
+        "resumed_from": resumed_from,
+        "skipped_incomplete": re.findall(r"skipping incomplete checkpoint step (\d+)", out),
+    }
 
 
 def _alive_group(pgid: int) -> bool:
@@ -232,11 +306,52 @@ def test_kill_rank1_under_torchrun_then_resume_bit_identical(base, reference_ddp
         print(f"torchrun rank-1 trial {trial}: {result} -> bit-identical")
 
 
+# --- mid_train and chat_sft: the same kills, the same bit-identical finish --------------------------------------
+
+
+def seed_base_model(base: Path, reference: Path, tag: str) -> None:
+    """mid/SFT load base_checkpoints/<tag> (their --model-tag names both): a copy of the reference's final step."""
+    directory = ckpt_dir(base, tag)
+    directory.mkdir(parents=True)
+    for name in (f"model_{STEPS:06d}.pt", f"meta_{STEPS:06d}.json"):
+        shutil.copy(reference / name, directory / name)
+
+
+@pytest.fixture(scope="module")
+def chat_references(base, reference) -> dict[tuple[str, int], Path]:
+    """Uninterrupted mid and SFT runs, 1 and 2 processes each, trained side by side."""
+    procs = {}
+    for job in (MID, SFT):
+        for n in (1, 2):
+            tag = f"{job.name}_ref{n}"
+            seed_base_model(base, reference, tag)
+            procs[job.name, n] = launch(base, [*job.args, f"--model-tag={tag}"], n, job.module)
+    for proc in procs.values():
+        finish(proc)
+    return {(name, n): ckpt_dir(base, f"{name}_ref{n}", MID if name == "mid" else SFT) for name, n in procs}
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1-process", "torchrun-rank1"])
+@pytest.mark.parametrize("job", [MID, SFT], ids=lambda j: j.name)
+def test_kill_mid_and_sft_then_resume_bit_identical(base, reference, chat_references, job, nproc):
+    # Under torchrun each rank reads conversations r, r+W, ...: resuming rank 1 from rank 0's position (what
+    # mid/SFT did before) trains it on rank 0's data and the weights differ from the reference.
+    rng = random.Random({"mid": 100, "sft": 200}[job.name] + nproc)
+    for trial in range(CHAT_TRIALS):
+        tag = f"{job.name}_kill{nproc}_{trial}"
+        seed_base_model(base, reference, tag)
+        result = kill_and_resume(base, tag, rng, nproc, job)
+        assert_bit_identical(chat_references[job.name, nproc], ckpt_dir(base, tag, job), nproc)
+        print(f"{job.name} {nproc}-process trial {trial}: {result} -> bit-identical")
+
+
 def interrupted_atomic_write(path: Path, garbage: bytes) -> None:
     """Die by SIGKILL inside nanochat.common.atomic_write, leaving exactly the temp file it leaves in real life."""
-    code = ("import os, signal, sys\nfrom nanochat.common import atomic_write\n"
-            "def half(f):\n    f.write(sys.stdin.buffer.read()); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
-            "atomic_write(sys.argv[1], half)\n")
+    code = (
+        "import os, signal, sys\nfrom nanochat.common import atomic_write\n"
+        "def half(f):\n    f.write(sys.stdin.buffer.read()); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic_write(sys.argv[1], half)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], input=garbage, capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
@@ -287,8 +402,13 @@ FREE_BYTES = 64 * 1024  # room for the optimizer shard and meta, not for the ~33
 
 
 def save_in_subprocess(directory: Path, step: int, fsize: int = 0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys\n" + SAVE_SCRIPT, str(directory), str(step), str(fsize)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "import sys\n" + SAVE_SCRIPT, str(directory), str(step), str(fsize)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
 
 
 def fill_disk(directory: Path, leave: int) -> None:
@@ -315,8 +435,13 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, how):
     if how == "tmpfs":
         # The real thing: a 1 MiB filesystem that fills up. Needs root and mount rights (skipped otherwise; the
         # rlimit variant below always runs).
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                                               capture_output=True).returncode != 0:
+        if (
+            os.geteuid() != 0
+            or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+            ).returncode
+            != 0
+        ):
             pytest.skip("cannot mount a tmpfs here (not root / no mount rights)")
     try:
         directory = mount / "ckpt" / "d1"
