@@ -19,6 +19,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import loader_states_meta, resume_training, save_checkpoint
+from nanochat.cli import check_ranges
 from nanochat.common import (
     autocast_for,
     get_base_dir,
@@ -74,7 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
     p.add_argument("--resume-from-step", type=int, default=-1)
     p.add_argument("--log-every", type=int, default=1)
-    return p.parse_args(argv)
+    return check_ranges(
+        p, p.parse_args(argv),
+        positive=("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
+                  "eval_tokens", "log_every"),
+        non_negative=("n_kv_head", "target_param_data_ratio", "embedding_lr", "unembedding_lr", "matrix_lr",
+                      "weight_decay", "grad_clip"),
+        fractions=("warmup_ratio", "warmdown_ratio", "final_lr_frac"),
+        horizons=("num_iterations",),
+    )
 
 
 def model_config_for(args, vocab_size: int) -> GPTConfig:

@@ -16,6 +16,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import load_model, loader_states_meta, resume_training, save_checkpoint
+from nanochat.cli import check_ranges
 from nanochat.common import (
     all_reduce_avg,
     autocast_for,
@@ -55,7 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of this tag")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-every", type=int, default=1)
-    return p.parse_args(argv)
+    return check_ranges(
+        p, p.parse_args(argv),
+        positive=("device_batch_size", "examples_per_step", "num_epochs", "eval_steps", "init_lr_frac", "log_every"),
+        non_negative=("max_seq_len", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay"),
+        horizons=("num_iterations",),
+    )
 
 
 def main(argv=None) -> dict:

@@ -245,14 +245,17 @@ def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str
         raise CheckpointError(f"{meta_path(checkpoint_dir, step)} has no 'model_config'")
     model = model_from_state_dict(model_data, meta["model_config"], device, model_path(checkpoint_dir, step))
     model.train() if phase == "train" else model.eval()
+    source = "the tokenizer passed in"
     if tokenizer is None:
-        from nanochat.tokenizer import get_tokenizer
+        from nanochat.tokenizer import PKL_NAME, get_tokenizer
 
-        tokenizer = get_tokenizer()
+        tokenizer, source = get_tokenizer(), str(get_base_dir() / "tokenizer" / PKL_NAME)
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise CheckpointError(
-            f"tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab size {model.config.vocab_size} "
-            f"for {checkpoint_dir}: this checkpoint was trained with a different tokenizer"
+            f"tokenizer vocab size {tokenizer.get_vocab_size()} ({source}) != model vocab size "
+            f"{model.config.vocab_size} for {checkpoint_dir}: this checkpoint was trained with a different "
+            "tokenizer. Use the tokenizer of the run that trained it (NANOCHAT_BASE_DIR/tokenizer/), or train "
+            f"the model again on this tokenizer"
         )
     return model, tokenizer, meta
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from nanochat.dataset import open_shard, split_files
+from nanochat.dataset import open_shard, read_texts, split_files
 
 
 class TokenPacker:
@@ -114,14 +114,15 @@ class DistributedTokenLoader(TokenPacker):
                 pf = open_shard(self.files[pq_idx])
                 first = rg_start if pq_idx == pq_start else self.rank
                 for rg_idx in range(first, pf.num_row_groups, self.world_size):
-                    texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-                    yielded = True
-                    yield {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx}, self._tokenize(texts)
+                    tokens = self._tokenize(read_texts(pf, self.files[pq_idx], rg_idx))
+                    yielded = yielded or bool(tokens)  # a row group of zero rows gives no tokens
+                    yield {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx}, tokens
             if not yielded and (pq_start, rg_start) == (0, self.rank):
                 # A whole epoch from the start gave this rank nothing: it would spin forever.
                 raise ValueError(
-                    f"rank {self.rank} of {self.world_size} has no row groups in the {self.split} split "
-                    f"({len(self.files)} shard(s)); use fewer processes or shards with more row groups"
+                    f"rank {self.rank} of {self.world_size} found no documents in its row groups of the {self.split} "
+                    f"split ({', '.join(p.name for p in self.files)} in {self.files[0].parent}): the shards are "
+                    "empty or have too few row groups; rebuild them with documents, or use fewer processes"
                 )
             epoch, pq_start, rg_start = epoch + 1, 0, self.rank
 

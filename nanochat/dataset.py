@@ -43,6 +43,10 @@ class ShardError(RuntimeError):
     """A shard is unreadable or has the wrong layout."""
 
 
+# What to do about a bad shard; every ShardError ends with it.
+REPAIR = "delete it and download or rebuild it (`python -m nanochat.dataset --verify` names every bad shard)"
+
+
 def get_data_dir() -> Path:
     env = os.environ.get("NANOCHAT_DATA_DIR")
     return Path(env) if env else get_base_dir() / "base_data"
@@ -89,15 +93,27 @@ def split_files(split: str, data_dir: str | os.PathLike | None = None) -> list[P
 
 
 def open_shard(path: Path) -> pq.ParquetFile:
-    """Open a shard, naming it in the error if it is corrupt or lacks the `text` column."""
+    """Open a shard, naming it in the error if it is corrupt or lacks a `text` column of strings."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise ShardError(f"shard {path} is corrupt or not parquet ({type(e).__name__}: {e}); "
-                         "delete it and download or rebuild it") from e
+        raise ShardError(f"shard {path} is corrupt or not parquet ({type(e).__name__}: {e}); {REPAIR}") from e
     if "text" not in pf.schema_arrow.names:
-        raise ShardError(f"shard {path} has no 'text' column (columns: {pf.schema_arrow.names})")
+        raise ShardError(f"shard {path} has no 'text' column (columns: {pf.schema_arrow.names}); {REPAIR}")
+    # Checked here, from the footer: numbers in `text` would otherwise surface as a bare TypeError mid-tokenizing.
+    text_type = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise ShardError(f"shard {path} has a 'text' column of {text_type}, not strings; {REPAIR}")
     return pf
+
+
+def read_texts(pf: pq.ParquetFile, path: Path, rg_idx: int) -> list[str]:
+    """The documents of one row group. A footer can be whole while a page is damaged (bit rot, a bad copy):
+    pyarrow then raises a bare OSError/ArrowInvalid, so name the shard and the row group."""
+    try:
+        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except Exception as e:
+        raise ShardError(f"shard {path} row group {rg_idx} is unreadable ({type(e).__name__}: {e}); {REPAIR}") from e
 
 
 def iter_row_groups(
@@ -110,11 +126,7 @@ def iter_row_groups(
     for pq_idx, path in enumerate(split_files(split, data_dir)):
         pf = open_shard(path)
         for rg_idx in range(start, pf.num_row_groups, step):
-            try:
-                texts = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-            except Exception as e:
-                raise ShardError(f"shard {path} row group {rg_idx} is unreadable: {e}") from e
-            yield pq_idx, rg_idx, texts
+            yield pq_idx, rg_idx, read_texts(pf, path, rg_idx)
 
 
 def iter_texts(split: str, data_dir: str | os.PathLike | None = None) -> Iterator[str]:
@@ -128,7 +140,7 @@ def verify_shard(path: Path, full: bool = False) -> str | None:
     try:
         pf = open_shard(path)
         for rg_idx in range(pf.num_row_groups if full else 0):
-            pf.read_row_group(rg_idx, columns=["text"])
+            read_texts(pf, path, rg_idx)
     except Exception as e:
         return str(e)
     return None

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_model, loader_states_meta, resume_training, save_checkpoint
+from nanochat.cli import check_ranges
 from nanochat.common import (
     autocast_for,
     get_base_dir,
@@ -56,7 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-every", type=int, default=1)
-    return p.parse_args(argv)
+    return check_ranges(
+        p, p.parse_args(argv),
+        positive=("device_batch_size", "total_batch_size", "eval_tokens", "init_lr_frac", "log_every"),
+        non_negative=("max_seq_len", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay"),
+        horizons=("num_iterations",),
+    )
 
 
 def lr_multiplier(progress: float) -> float:

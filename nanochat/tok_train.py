@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanochat.common import get_base_dir, print0
-from nanochat.dataset import iter_texts
+from nanochat.dataset import get_data_dir, iter_texts
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
 
 
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = RustBPETokenizer.train_from_iterator(counted(), args.vocab_size)
     dt = time.time() - t0
     out_dir = Path(args.out_dir) if args.out_dir else get_base_dir() / "tokenizer"
+    if chars == 0:
+        # Empty shards train a bytes-only vocabulary without complaint; saving it would replace a good tokenizer.
+        raise ValueError(f"the train shards in {args.data_dir or get_data_dir()} hold no text, so there is nothing to "
+                         f"train on; nothing was saved to {out_dir}. Download or build shards with documents "
+                         "(python -m nanochat.dataset)")
     tokenizer.save(out_dir)
     save_token_bytes(tokenizer, out_dir)
     print0(f"trained vocab {tokenizer.get_vocab_size()} on {chars:,} chars in {dt:.1f}s "

@@ -89,6 +89,17 @@ class RunProfile(dg.ConfigurableResource):
         for key in ("core_max_per_task", "chat_max_per_task"):
             if s[key] == 0 or s[key] < -1:
                 raise ValueError(f"profile {name}: {key} must be -1 (all examples) or positive, got {s[key]}")
+        # 0 would not fail: base_train would silently size the run from its tokens:params ratio instead.
+        for key in ("base_iterations", "mid_iterations", "sft_iterations"):
+            if s[key] == 0 or s[key] < -1:
+                raise ValueError(f"profile {name}: {key} must be -1 (the default horizon) or positive, got {s[key]}")
+        if s["num_shards"] < -1:
+            raise ValueError(f"profile {name}: num_shards must be -1 (all), 0 (corpus without shards) or positive, "
+                             f"got {s['num_shards']}")
+        if s["eval_tokens"] <= 0:
+            raise ValueError(f"profile {name}: eval_tokens must be positive, got {s['eval_tokens']}")
+        if s["chat_temperature"] < 0:
+            raise ValueError(f"profile {name}: chat_temperature must be >= 0 (0: greedy), got {s['chat_temperature']}")
         if s["chat_max_new_tokens"] <= 0 or s["chat_num_samples"] <= 0:
             raise ValueError(f"profile {name}: chat_max_new_tokens and chat_num_samples must be positive")
         if s["chat_num_samples"] > 1 and s["chat_temperature"] <= 0:
