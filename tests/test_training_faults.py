@@ -4,8 +4,8 @@ Training faults: kill -9 a run at random points (one process, and rank 1 of a 2-
 base_train, mid_train and chat_sft alike. A checkpoint cut short mid-write is never loaded, and a disk that fills
 up during a save leaves the previous checkpoint intact with an error naming the file.
 
-Quick by default (base: 2 single-process trials, 1 torchrun trial; mid and SFT: 1 of each); the full trial
-counts with one command:
+Quick by default (base: 2 single-process trials, 1 torchrun trial; mid and SFT: 1 torchrun trial each); the
+full trial counts (10 of each, mid and SFT single-process too) with one command:
 
     NANOCHAT_FAULT_TRIALS=10 .venv/bin/pytest tests/test_training_faults.py -s
 """
@@ -37,6 +37,9 @@ TRIALS = int(os.environ.get("NANOCHAT_FAULT_TRIALS", "0"))
 SINGLE_TRIALS = TRIALS or 2  # kill -9 of a single-process run
 DDP_TRIALS = TRIALS or 1  # kill -9 of rank 1 under 2-process torchrun (each trial is ~2 torchrun launches)
 CHAT_TRIALS = TRIALS or 1  # mid_train / chat_sft, per process count
+# Quick mode kills mid/SFT only under torchrun (the path that used to resume rank 1 from rank 0's data position);
+# the full run adds the single-process kills.
+CHAT_NPROCS = (1, 2) if TRIALS else (2,)
 STEPS, SAVE_EVERY = 20, 5
 TINY = [
     "--depth=2",
@@ -322,7 +325,7 @@ def chat_references(base, reference) -> dict[tuple[str, int], Path]:
     """Uninterrupted mid and SFT runs, 1 and 2 processes each, trained side by side."""
     procs = {}
     for job in (MID, SFT):
-        for n in (1, 2):
+        for n in CHAT_NPROCS:
             tag = f"{job.name}_ref{n}"
             seed_base_model(base, reference, tag)
             procs[job.name, n] = launch(base, [*job.args, f"--model-tag={tag}"], n, job.module)
@@ -331,7 +334,7 @@ def chat_references(base, reference) -> dict[tuple[str, int], Path]:
     return {(name, n): ckpt_dir(base, f"{name}_ref{n}", MID if name == "mid" else SFT) for name, n in procs}
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["1-process", "torchrun-rank1"])
+@pytest.mark.parametrize("nproc", CHAT_NPROCS, ids=lambda n: "1-process" if n == 1 else "torchrun-rank1")
 @pytest.mark.parametrize("job", [MID, SFT], ids=lambda j: j.name)
 def test_kill_mid_and_sft_then_resume_bit_identical(base, reference, chat_references, job, nproc):
     # Under torchrun each rank reads conversations r, r+W, ...: resuming rank 1 from rank 0's position (what
