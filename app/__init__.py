@@ -8,3 +8,5 @@ The chat app: `python -m app` serves the promoted model in a Gradio chat.
     __main__.py  command line, /health, launch
     demo.py      a tiny demo store to try it without the pipeline; screenshot.py: README screenshots
 """
+
+import nanochat  # noqa: F401,E402  (sets torch's OpenMP wait policy before anything imports torch)

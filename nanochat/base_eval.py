@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-tag", default=None, help="e.g. d20 (default: the largest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last saved)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="", help="autocast dtype: bfloat16|float32 (default: bf16 on cuda)")
+    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
     p.add_argument("--core-tasks", default="", help="comma-separated CORE labels (default: all of core.yaml)")
     p.add_argument("--bundle-dir", default=None, help="eval bundle folder (default: see core_eval.find_eval_bundle)")

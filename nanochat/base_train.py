@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain a nanochat base model")
     p.add_argument("--run", default="dummy", help="run name (for logs)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="", help="autocast dtype: bfloat16|float32 (default: bf16 on cuda)")
+    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
     # model
     p.add_argument("--depth", type=int, default=20, help="number of transformer layers")
     p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio")

@@ -324,7 +324,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda)")
+    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
     p.add_argument("--data-dir", default=None, help="local task data (default: hub, else the shared data)")
     p.add_argument("--output", default=None, help="write the result as JSON to this file")
     p.add_argument("--seed", type=int, default=42)

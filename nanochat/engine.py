@@ -227,7 +227,7 @@ class Engine:
         # 1) Prefill once at batch 1, in a cache sized exactly to the prompt.
         prefill_cache = self._kv_cache(1, len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=prefill_cache)[:, -1, :]
+        logits = self.model.forward(ids, kv_cache=prefill_cache, last_only=True)[:, -1, :]
         # Each row samples its own first token: expand (not share) the prefill logits.
         logits = logits.expand(num_samples, -1)
 

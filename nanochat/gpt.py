@@ -47,7 +47,13 @@ class GPTConfig:
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     # Parameter-free RMSNorm: no learnable gain, so nothing to store in the checkpoint.
-    return F.rms_norm(x, (x.size(-1),))
+    if x.is_cuda:
+        return F.rms_norm(x, (x.size(-1),))  # a fused kernel
+    # On CPU F.rms_norm runs as ~12 small ops (dtype round trips included); this is the same arithmetic in 5,
+    # bit-identical in fp32, and measured 2.5x faster on training-sized tensors (nanochat.bench).
+    # Like F.rms_norm it accumulates in fp32 and uses fp32's epsilon whatever the input dtype.
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)).to(x.dtype)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -235,8 +241,10 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache=None,
         loss_reduction: str = "mean",
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V) when targets is None, else the cross-entropy loss (ignore_index -1)."""
+        """Logits (B, T, V) when targets is None ((B, 1, V) with last_only), else the cross-entropy loss
+        (ignore_index -1)."""
         B, T = idx.size()
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
@@ -253,6 +261,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
+        if last_only and targets is None:
+            # Prefill needs only the next token's logits; the unembedding of every prompt position would cost
+            # T x n_embd x vocab FLOPs (at vocab 65,536 several times the whole transformer's).
+            x = x[:, -1:]
 
         logits = self.lm_head(x)
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

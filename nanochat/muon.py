@@ -34,8 +34,9 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        # addmm folds the scalings into the matmuls: no separate elementwise passes over A and X.
+        B = torch.addmm(A, A, A, beta=b, alpha=c) if A.ndim == 2 else torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else torch.baddbmm(X, B, X, beta=a)
     if transposed:
         X = X.mT
     return X.to(G.dtype)

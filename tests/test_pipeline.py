@@ -6,6 +6,7 @@ model; the finite-loss check, the sensors and the schedule behave.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster_duckdb import DuckDBResource
 
+from nanochat import bench
 from orchestration import eval_store
 from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs import checks
@@ -74,6 +76,13 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
                    for e in result.get_asset_check_evaluations()}
     assert evaluations["finite_loss@base_checkpoint"] and evaluations["finite_loss@sft_checkpoint"]
     assert evaluations["core_not_regressed@base_eval"] and evaluations["chatcore_not_regressed@chat_eval"]
+
+    # The orchestration figure (nanochat.bench orchestration): the run's wall time splits into the training/eval
+    # processes, which every training and eval asset reports, and a non-negative remainder.
+    split = bench.bench_orchestration(argparse.Namespace(run_id=result.run_id), instance)
+    assert split["run_id"] == result.run_id and split["steps"] >= len(ASSETS)
+    assert 0 < split["training_eval_s"] <= split["run_s"] and split["orchestration_s"] >= 0
+    assert split["orchestration_s"] == pytest.approx(split["run_s"] - split["training_eval_s"], abs=0.11)
 
     # Every directory artifact is in the bucket: its manifest hashes to the recorded sha256, and every file it
     # lists is there with the sha256 the manifest gives.
