@@ -156,6 +156,16 @@ def device_and_dtype(args) -> tuple[torch.device, str]:
 # The figures
 
 
+def muon_flops_per_step(model: GPT, ns_steps: int = 5) -> int:
+    """Matmul FLOPs of Muon's Newton-Schulz iterations in one optimizer step (not model FLOPs: they do not grow
+    with the batch, so they weigh most at small batches like the tiny profile's 4,096 tokens per step)."""
+    total = 0
+    for p in model.transformer.h.parameters():
+        m, n = sorted(p.shape)
+        total += ns_steps * (4 * m * m * n + 2 * m**3)  # X X^T, A A, B X on the wide orientation
+    return total
+
+
 def bench_train(args) -> dict:
     """Full optimizer steps (forward, backward, AdamW + Muon) on random tokens."""
     device, dtype = device_and_dtype(args)
@@ -188,11 +198,15 @@ def bench_train(args) -> dict:
     tokens = args.batch_size * args.seq_len
     flops = model.estimate_flops() * tokens / dt
     peak = matmul_peak(device, getattr(torch, dtype))
+    optimizer_flops = muon_flops_per_step(model)
     result = {
         "bench": "train", **machine_info(device), "device": device.type, "dtype": dtype,
         "compile": args.compile, "depth": args.depth, "params": model.num_params(), "batch": args.batch_size,
         "seq_len": args.seq_len, "step_ms": round(dt * 1000, 2), "tok_per_sec": round(tokens / dt, 1),
         "flops_per_sec": flops, "matmul_peak_flops": peak, "ratio_to_matmul_peak": round(flops / peak, 4),
+        # Counting Muon's matmuls too: how busy the matmul units were, as opposed to useful model work.
+        "optimizer_flops_per_step": optimizer_flops,
+        "ratio_with_optimizer_flops": round((flops + optimizer_flops / dt) / peak, 4),
         **peak_memory(device),
     }
     datasheet = gpu_peak_flops(device)

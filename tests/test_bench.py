@@ -129,3 +129,10 @@ def test_orchestration_figure_needs_a_run(tmp_path):
 
     with pytest.raises(SystemExit, match="no runs"):
         bench.bench_orchestration(argparse.Namespace(run_id=None), dg.DagsterInstance.ephemeral())
+
+
+def test_muon_flops_count_the_newton_schulz_matmuls():
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=16, n_layer=1, n_head=1, n_kv_head=1, n_embd=4))
+    # 4 square 4x4 attention matrices and two 4x16 MLP matrices, 5 iterations each.
+    square, wide = 4 * 4**3 + 2 * 4**3, 4 * 16 * 16 + 2 * 4**3
+    assert bench.muon_flops_per_step(model) == 5 * (4 * square + 2 * wide)
