@@ -88,8 +88,9 @@ SFT = Job(
         *CHAT_COMMON,
         "--source=base",
         "--max-seq-len=64",
-        "--device-batch-size=2",
-        "--examples-per-step=4",
+        # ~1k tokens a step, like base and mid: the kill delay (up to 0.4 s) must land before the run can finish.
+        "--device-batch-size=8",
+        "--examples-per-step=16",
         "--eval-steps=1",
     ),
     "chatsft_checkpoints",
@@ -242,17 +243,23 @@ def kill_and_resume(base: Path, tag: str, rng: random.Random, nproc: int, job: J
     point after the first checkpoint, then --resume it to the end. Returns what happened, for the report.
     """
     directory = ckpt_dir(base, tag, job)
-    kill_after = rng.randint(SAVE_EVERY + 1, STEPS - 1)  # a checkpoint exists by then, the run is not over
-    delay = rng.uniform(0.0, 0.4)  # a step is ~0.1-0.3 s: lands anywhere in the next step, saves included
+    # A checkpoint exists by then, and the run cannot finish within one more step.
+    kill_after = rng.randint(SAVE_EVERY + 1, STEPS - 2)
+    # A fraction of one step's time (measured below: steps take 0.05-0.3 s depending on the script and the load),
+    # so the kill lands anywhere in the next step, the save before it included.
+    fraction = rng.uniform(0.0, 1.0)
     proc = launch(base, [*job.args, f"--model-tag={tag}"], nproc, job.module)
-    seen = []
+    seen, step_times = [], []
     for line in proc.stdout:
         seen.append(line)
-        if (m := STEP_LINE.match(line)) and int(m.group(1)) == kill_after:
-            break
+        if m := STEP_LINE.match(line):
+            step_times.append(time.monotonic())
+            if int(m.group(1)) == kill_after:
+                break
     else:
         proc.wait()
         raise AssertionError("run ended before the kill point:\n" + "".join(seen))
+    delay = fraction * (step_times[-1] - step_times[-2])
     time.sleep(delay)
     if nproc == 1:
         os.killpg(proc.pid, signal.SIGKILL)
