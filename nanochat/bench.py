@@ -180,9 +180,10 @@ def bench_train(args) -> dict:
     y = torch.roll(x, -1, dims=1)
 
     def step() -> None:
-        with autocast:
-            loss = train_model(x, y)
-        loss.backward()
+        for _ in range(args.accum_steps):  # gradient accumulation, as base_train does to reach its total batch
+            with autocast:
+                loss = train_model(x, y)
+            (loss / args.accum_steps).backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -198,13 +199,14 @@ def bench_train(args) -> dict:
     synchronize(device)
     dt = (time.perf_counter() - t0) / args.steps
 
-    tokens = args.batch_size * args.seq_len
+    tokens = args.batch_size * args.seq_len * args.accum_steps
     flops = model.estimate_flops() * tokens / dt
     peak = matmul_peak(device, getattr(torch, dtype))
     optimizer_flops = muon_flops_per_step(model)
     result = {
         "bench": "train", **machine_info(device), "device": device.type, "dtype": dtype,
         "compile": args.compile, "depth": args.depth, "params": model.num_params(), "batch": args.batch_size,
+        "accum_steps": args.accum_steps,
         "seq_len": args.seq_len, "step_ms": round(dt * 1000, 2), "tok_per_sec": round(tokens / dt, 1),
         "flops_per_sec": flops, "matmul_peak_flops": peak, "ratio_to_matmul_peak": round(flops / peak, 4),
         # Counting Muon's matmuls too: how busy the matmul units were, as opposed to useful model work.
@@ -414,10 +416,12 @@ def bench_all(args) -> list[dict]:
 # Command line
 
 # Sizes of `all --quick` (CI: seconds, sanity only) and `all` (by hand: the README's figures).
-QUICK = dict(depth=2, vocab_size=1024, seq_len=64, batch_size=4, steps=2, warmup=1, train_chars=300_000,
-             encode_chars=300_000, tokens=1_500_000, prompt_len=32, max_new_tokens=16, max_per_task=4, tasks="")
-FULL = dict(depth=4, vocab_size=4096, seq_len=256, batch_size=16, steps=5, warmup=2, train_chars=20_000_000,
-            encode_chars=5_000_000, tokens=4_000_000, prompt_len=256, max_new_tokens=128, max_per_task=20, tasks="")
+QUICK = dict(depth=2, vocab_size=1024, seq_len=64, batch_size=4, accum_steps=1, steps=2, warmup=1,
+             train_chars=300_000, encode_chars=300_000, tokens=1_500_000, prompt_len=32, max_new_tokens=16,
+             max_per_task=4, tasks="")
+FULL = dict(depth=4, vocab_size=4096, seq_len=256, batch_size=16, accum_steps=1, steps=5, warmup=2,
+            train_chars=20_000_000, encode_chars=5_000_000, tokens=4_000_000, prompt_len=256, max_new_tokens=128,
+            max_per_task=20, tasks="")
 
 
 def add_model_args(p: argparse.ArgumentParser, depth: int = 4, vocab_size: int = 4096, seq_len: int = 256) -> None:
@@ -435,6 +439,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--compile", action="store_true")
 
 
