@@ -215,7 +215,7 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> int:
     with _transaction(conn):
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP)")
         current = schema_version(conn)
-        _refuse_newer(current)
+        _refuse_newer(conn, current)
         for version in range(current + 1, len(MIGRATIONS) + 1):
             conn.execute(MIGRATIONS[version - 1])
             conn.execute("INSERT INTO schema_version VALUES (?, ?)", [version, _now()])
@@ -225,18 +225,26 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> int:
 def check_schema(conn: duckdb.DuckDBPyConnection) -> None:
     """For readers, who cannot migrate: fail clearly unless the database is at this code's version."""
     current = schema_version(conn)
-    _refuse_newer(current)
+    _refuse_newer(conn, current)
     if current < len(MIGRATIONS):
         raise SchemaVersionError(
-            f"eval database is at schema version {current}, this code expects {len(MIGRATIONS)}; "
+            f"eval database {_db_path(conn)} is at schema version {current}, this code expects "
+            f"{len(MIGRATIONS)}; "
             "the next eval write (any record_* call) upgrades it"
         )
 
 
-def _refuse_newer(current: int) -> None:
+def _db_path(conn: duckdb.DuckDBPyConnection) -> str:
+    """The file behind a connection, so errors name it."""
+    row = conn.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()
+    return row[0] if row and row[0] else "(in memory)"
+
+
+def _refuse_newer(conn: duckdb.DuckDBPyConnection, current: int) -> None:
     if current > len(MIGRATIONS):
         raise SchemaVersionError(
-            f"eval database is at schema version {current}, newer than this code knows ({len(MIGRATIONS)}); "
+            f"eval database {_db_path(conn)} is at schema version {current}, newer than this code knows "
+            f"({len(MIGRATIONS)}); "
             "upgrade nanochat-dagster (git pull / reinstall) rather than writing to it with old code"
         )
 

@@ -316,8 +316,9 @@ def test_newer_duckdb_schema_is_refused_and_the_file_kept(tmp_path):
     before = digests(tmp_path)
     conn = es.connect_rw(path)
     try:
-        with pytest.raises(es.SchemaVersionError, match="newer than this code.*upgrade nanochat-dagster"):
+        with pytest.raises(es.SchemaVersionError, match="newer than this code.*upgrade nanochat-dagster") as e:
             es.record_run(conn, "r1", profile="tiny", depth=4)
+        assert str(path) in str(e.value)
     finally:
         conn.close()
     assert digests(tmp_path) == before
