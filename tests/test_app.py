@@ -379,11 +379,11 @@ class ScriptedModel(torch.nn.Module):
     def get_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, kv_cache=None, last_only: bool = False) -> torch.Tensor:
         B, T = ids.shape
         kv = torch.zeros(B, 1, T, 2)
         kv_cache.insert_kv(0, kv, kv)
-        logits = torch.full((B, T, self.config.vocab_size), -1e9)
+        logits = torch.full((B, 1 if last_only else T, self.config.vocab_size), -1e9)
         logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 0.0
         self.calls += 1
         return logits
