@@ -104,3 +104,11 @@ def test_sharded_optimizers_equal_single_process(tmp_path):
         torch.testing.assert_close(r0[k], v, rtol=1e-4, atol=1e-5)  # and equal the 1-process result
         changed += int(not torch.equal(v, tiny_model().state_dict()[k]))
     assert changed == len(r0)  # every parameter was actually updated
+
+
+def test_newton_schulz_on_a_stack_matches_each_matrix():
+    # 2-D matrices take the addmm path, stacks the batched one: the same iteration either way.
+    g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(0))
+    stacked = zeropower_via_newtonschulz5(g)
+    for i in range(3):
+        torch.testing.assert_close(stacked[i], zeropower_via_newtonschulz5(g[i]), rtol=1e-4, atol=1e-5)
