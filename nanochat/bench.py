@@ -8,7 +8,6 @@ Benchmarks that print one JSON line per figure, each next to a limit of the mach
     python -m nanochat.bench decode --depth=8 --batch-sizes=1,8
     python -m nanochat.bench core --checkpoint-dir=$NANOCHAT_BASE_DIR/base_checkpoints/d20
     python -m nanochat.bench tokenizer | dataloader
-    DAGSTER_HOME=... python -m nanochat.bench orchestration [--run-id=ID]
 
 The limits:
 - `matmul_peak_flops`: FLOP/s of a square matmul in the dtype the model computes in. Training FLOP/s (from
@@ -386,22 +385,8 @@ def bench_dataloader(args, tokenizer=None, train_tok_per_sec: float | None = Non
     return line
 
 
-def bench_orchestration(args, instance=None) -> dict:
-    """A Dagster run's wall time split into training/eval processes and everything else (Dagster, S3, DuckDB)."""
-    import dagster as dg
-
-    from orchestration.run_summary import summarize
-
-    s = summarize(instance or dg.DagsterInstance.get(), args.run_id)
-    return {"bench": "orchestration", **machine_info(torch.device("cpu")), "run_id": s["run_id"],
-            "run_s": round(s["run_s"], 1), "training_eval_s": round(s["child_s"], 1),
-            "orchestration_s": round(s["overhead_s"], 1),
-            "orchestration_share": round(s["overhead_s"] / s["run_s"], 4) if s["run_s"] else None,
-            "steps": len(s["steps"])}
-
-
 def bench_all(args) -> list[dict]:
-    """Every figure but orchestration (which needs a finished run), sharing one tokenizer."""
+    """Every figure, sharing one tokenizer."""
     tok_line, tokenizer = bench_tokenizer(args)
     lines = [tok_line]
     train = bench_train(args)
@@ -484,9 +469,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--tokens", type=int, default=4_000_000, help="tokens to deliver (several row groups)")
-    p = sub.add_parser("orchestration", help="a Dagster run's time: training/eval vs everything else")
-    p.add_argument("--run-id", default=None, help="default: the latest run in $DAGSTER_HOME")
-    p = sub.add_parser("all", help="every figure except orchestration")
+    # A Dagster run's split (training/eval vs orchestration) is `python -m orchestration.run_summary --json`:
+    # nanochat imports no Dagster.
+    p = sub.add_parser("all", help="every figure of this library (the orchestration one: run_summary --json)")
     p.add_argument("--quick", action="store_true", help="small sizes: seconds, for CI")
     add_model_args(p)
     add_train_args(p)
@@ -517,10 +502,8 @@ def main(argv=None) -> list[dict]:
         results = [bench_core(args)]
     elif args.what == "tokenizer":
         results = [bench_tokenizer(args)[0]]
-    elif args.what == "dataloader":
-        results = [bench_dataloader(args)]
     else:
-        results = [bench_orchestration(args)]
+        results = [bench_dataloader(args)]
     for r in results:
         print(json.dumps(r), flush=True)
     return results

@@ -5,14 +5,19 @@ artifact transfers, hashing, DuckDB writes, Dagster's own bookkeeping).
 
     DAGSTER_HOME=... python -m orchestration.run_summary            # the latest run
     DAGSTER_HOME=... python -m orchestration.run_summary RUN_ID
+    DAGSTER_HOME=... python -m orchestration.run_summary --json     # one JSON line, like nanochat.bench's figures
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import dagster as dg
+import torch
+
+from nanochat.bench import machine_info
 
 
 def summarize(instance: dg.DagsterInstance, run_id: str | None = None) -> dict:
@@ -38,10 +43,24 @@ def summarize(instance: dg.DagsterInstance, run_id: str | None = None) -> dict:
     return {"run_id": run_id, "steps": steps, "run_s": total, "child_s": child_total, "overhead_s": total - child_total}
 
 
+def orchestration_figure(instance: dg.DagsterInstance, run_id: str | None = None) -> dict:
+    """The benchmark line: run wall time = training/eval processes + orchestration, with the machine."""
+    s = summarize(instance, run_id)
+    return {"bench": "orchestration", **machine_info(torch.device("cpu")), "run_id": s["run_id"],
+            "run_s": round(s["run_s"], 1), "training_eval_s": round(s["child_s"], 1),
+            "orchestration_s": round(s["overhead_s"], 1),
+            "orchestration_share": round(s["overhead_s"] / s["run_s"], 4) if s["run_s"] else None,
+            "steps": len(s["steps"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("run_id", nargs="?", default=None)
+    p.add_argument("--json", action="store_true", help="print the benchmark figure as one JSON line")
     args = p.parse_args(argv)
+    if args.json:
+        print(json.dumps(orchestration_figure(dg.DagsterInstance.get(), args.run_id)), flush=True)
+        return 0
     s = summarize(dg.DagsterInstance.get(), args.run_id)
     print(f"run {s['run_id']}")
     print(f"{'step':<40} {'status':<10} {'step s':>8} {'training/eval s':>16}")

@@ -5,7 +5,6 @@ each next to its limit, and the pieces the figures are computed from are right. 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -127,8 +126,17 @@ def test_importing_nanochat_makes_openmp_threads_sleep_unless_told_otherwise(pre
 def test_orchestration_figure_needs_a_run(tmp_path):
     import dagster as dg
 
+    from orchestration.run_summary import orchestration_figure
+
     with pytest.raises(SystemExit, match="no runs"):
-        bench.bench_orchestration(argparse.Namespace(run_id=None), dg.DagsterInstance.ephemeral())
+        orchestration_figure(dg.DagsterInstance.ephemeral())
+
+
+def test_the_library_and_its_benchmarks_import_no_orchestration():
+    code = ("import sys, nanochat.bench, nanochat.base_train, nanochat.engine, nanochat.core_eval; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dagster', 'orchestration')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_muon_flops_count_the_newton_schulz_matmuls():

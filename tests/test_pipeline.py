@@ -6,7 +6,6 @@ model; the finite-loss check, the sensors and the schedule behave.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -18,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 from dagster_duckdb import DuckDBResource
 
-from nanochat import bench
 from orchestration import eval_store
 from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs import checks
@@ -32,6 +30,7 @@ from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_che
 from orchestration.launcher import TorchrunLauncher
 from orchestration.profiles import RunProfile
 from orchestration.promotion import LATEST_KEY, profile_key, read_pointer
+from orchestration.run_summary import orchestration_figure
 from orchestration.workspace import Workspace
 
 ASSETS = [raw_shards, tokenizer, base_checkpoint, base_eval, mid_checkpoint, sft_checkpoint, chat_eval,
@@ -77,9 +76,9 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     assert evaluations["finite_loss@base_checkpoint"] and evaluations["finite_loss@sft_checkpoint"]
     assert evaluations["core_not_regressed@base_eval"] and evaluations["chatcore_not_regressed@chat_eval"]
 
-    # The orchestration figure (nanochat.bench orchestration): the run's wall time splits into the training/eval
-    # processes, which every training and eval asset reports, and a non-negative remainder.
-    split = bench.bench_orchestration(argparse.Namespace(run_id=result.run_id), instance)
+    # The orchestration figure (orchestration.run_summary --json): the run's wall time splits into the
+    # training/eval processes, which every training and eval asset reports, and a non-negative remainder.
+    split = orchestration_figure(instance, result.run_id)
     assert split["run_id"] == result.run_id and split["steps"] >= len(ASSETS)
     assert 0 < split["training_eval_s"] <= split["run_s"] and split["orchestration_s"] >= 0
     assert split["orchestration_s"] == pytest.approx(split["run_s"] - split["training_eval_s"], abs=0.11)
