@@ -2,7 +2,7 @@
 
 Playwright's own browser downloads need the internet, so the tests use the distribution's `chromium` package
 (`apt-get install chromium chromium-driver`, scripts/system-deps.sh) through `executable_path`. The flags are the set
-verified in ENVIRONMENT.md: no sandbox (containers), no GPU, and no background traffic to Google services that
+verified in ../shared/ENVIRONMENT.md: no sandbox (containers), no GPU, and no background traffic to Google services that
 would only time out offline.
 """
 

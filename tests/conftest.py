@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NANOCHAT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-# Two cores: keep each test process on predictable threads (see ENVIRONMENT.md on thread collapse).
+# Two cores: keep each test process on predictable threads (see ../shared/ENVIRONMENT.md on thread collapse).
 torch.set_num_threads(int(os.environ.get("NANOCHAT_TEST_THREADS", "2")))
 
 

