@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 
 from app.chat import MAX_INPUT_CHARS
-
-DEFAULT_ARTIFACTS = ".nanochat-dagster/artifacts"  # the Dagster code location's default (orchestration resources)
+from orchestration import home  # the state root the pipeline and the UI write to (one small Dagster-free module)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,11 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step", type=int, help="step of --checkpoint to load (default: the last)")
     p.add_argument("--tokenizer-dir", metavar="DIR", help="tokenizer of --checkpoint (default: <base dir>/tokenizer "
                                                           "for a dir in the standard <base dir>/<phase>/<tag> layout)")
-    p.add_argument("--artifacts", default=os.environ.get("NANOCHAT_ARTIFACTS", DEFAULT_ARTIFACTS), metavar="URL",
+    p.add_argument("--artifacts", default=home.artifacts_url(), metavar="URL",
                    help="artifact store: a directory or s3://bucket/prefix (default $NANOCHAT_ARTIFACTS, else "
-                        f"{DEFAULT_ARTIFACTS}); '' for none")
+                        "$NANOCHAT_HOME/artifacts, NANOCHAT_HOME defaulting to .nanochat-dagster); '' for none")
     p.add_argument("--duckdb", metavar="PATH", help="eval history (default $NANOCHAT_DUCKDB, else "
-                                                    "<$NANOCHAT_BASE_DIR or ~/.cache/nanochat>/evals.duckdb)")
+                                                    "$NANOCHAT_HOME/evals.duckdb)")
     p.add_argument("--device", help="cpu, cuda, mps (default: autodetect)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="torch CPU threads (default: half the cores, leaving the rest to the web server)")
@@ -94,12 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     from app.ui import CSS, build_ui
     from nanochat.common import autodetect_device_type
     from orchestration.artifact_store import artifact_store_from_url
-    from orchestration.eval_store import default_db_path
 
     torch.set_num_threads(args.threads)
     device = args.device or autodetect_device_type()
     store = artifact_store_from_url(args.artifacts) if args.artifacts else None
-    db_path = Path(args.duckdb) if args.duckdb else default_db_path()
+    db_path = Path(args.duckdb) if args.duckdb else home.duckdb_path()
     local = local_candidate(args.checkpoint, args.tokenizer_dir, args.step) if args.checkpoint else None
     manager = ModelManager(store, db_path, device, local, auto_reload=args.auto_reload)
     manager.refresh()

@@ -145,29 +145,15 @@ def read_eval_index(db_path: str | Path | None) -> tuple[dict[str, dict], str | 
     try:
         with eval_store.connect_ro(db_path, retries=2, backoff=0.1) as conn:
             eval_store.check_schema(conn)
-            checkpoints = conn.execute("SELECT checkpoint_id, run_id, stage, step, uri, created_at "
-                                       "FROM checkpoints").fetchall()
-            aggregates = conn.execute("""
-                SELECT run_id, stage, checkpoint_id, metric, value FROM eval_results
-                WHERE task = $task
-                QUALIFY row_number() OVER (PARTITION BY checkpoint_id, metric ORDER BY recorded_at DESC) = 1
-                ORDER BY metric
-            """, {"task": eval_store.AGGREGATE_TASK}).fetchall()
+            checkpoints = eval_store.checkpoint_scores(conn)
     except eval_store.DatabaseLockedError:
         return {}, "eval history busy (a writer holds it): scores not shown; refresh the list to retry"
     except (duckdb.Error, eval_store.SchemaVersionError, OSError) as e:
         return {}, f"eval history unreadable ({type(e).__name__}: {e}): scores not shown"
-    own: dict[str, dict[str, float]] = {}
-    base_core: dict[str, dict[str, float]] = {}  # run_id -> CORE of its base checkpoint
-    for run_id, stage, checkpoint_id, metric, value in aggregates:
-        own.setdefault(checkpoint_id, {})[metric] = value
-        if stage == "base" and metric.startswith("CORE"):
-            base_core.setdefault(run_id, {})[metric] = value
     index: dict[str, dict] = {}
-    for checkpoint_id, run_id, stage, step, uri, created_at in checkpoints:
-        scores = {**(base_core.get(run_id, {}) if stage != "base" else {}), **own.get(checkpoint_id, {})}
-        entry = {"checkpoint_id": checkpoint_id, "step": step, "created_at": created_at, "scores": scores}
-        index[checkpoint_id] = index[uri] = entry
+    for c in checkpoints:
+        entry = {k: c[k] for k in ("checkpoint_id", "step", "created_at", "scores")}
+        index[c["checkpoint_id"]] = index[c["uri"]] = entry
     return index, None
 
 

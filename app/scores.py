@@ -51,9 +51,9 @@ def read_scores(db_path: str | Path, selected: str | None = None, retries: int =
     try:
         with eval_store.connect_ro(path, retries=retries, backoff=0.1, max_backoff=0.5) as conn:
             eval_store.check_schema(conn)
-            pairs = conn.execute("SELECT DISTINCT task, metric FROM eval_results").fetchall()
-            aggregates = sorted(series_name(t, m) for t, m in pairs if t == eval_store.AGGREGATE_TASK)
-            choices = aggregates + sorted(series_name(t, m) for t, m in pairs if t != eval_store.AGGREGATE_TASK)
+            pairs = eval_store.series(conn)
+            choices = [series_name(t, m) for t, m in pairs]
+            aggregates = [series_name(t, m) for t, m in pairs if t == eval_store.AGGREGATE_TASK]
             if not choices:
                 return Scores(message="The eval history is empty: no run has recorded a score yet.")
             if selected not in choices:  # ChatCORE, else CORE (full or partial suites), else the first series

@@ -1,10 +1,12 @@
 """
 The artifact store: where checkpoints, tokenizers and reports live between assets.
 
-Assets pass keys and URIs (never pickled objects). One interface, two backends, both Dagster resources:
+Assets pass keys and URIs (never pickled objects). One interface, two backends, plain pydantic models with no
+Dagster in them (the chat app reads the store too; orchestration/defs/resources.py wraps them as a resource):
 
 - `LocalArtifactStore(root)`: files under root/<key> (the embedded default).
-- `S3ArtifactStore(bucket, prefix, endpoint_url, ...)`: AWS S3 or anything speaking S3 (SeaweedFS, MinIO).
+- `S3ArtifactStore(bucket, prefix, endpoint_url, ...)` (orchestration/s3_store.py): AWS S3 or anything speaking
+  S3 (SeaweedFS, MinIO).
 
 Guarantees shared by both:
 - Writes are atomic: an object is staged under `.staging/` and only then moved to its key (os.replace locally, a
@@ -13,35 +15,35 @@ Guarantees shared by both:
   exists, and the manifest's sha256 identifies its content.
 - Reads are verified: `get_dir` checks every file's sha256 against the manifest, and caches the download under
   the manifest's sha256 so a second read of the same content downloads nothing.
+- Symbolic links are refused, on publish (a link in a published directory, or a linked file given to `put_file`)
+  and on read (a link inside the local store's root): a link could make the store publish or serve a file from
+  outside what the caller named (a host secret, another run's checkpoint).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
-import random
 import shutil
+import stat
 import tempfile
-import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
-import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 STAGING = ".staging"  # reserved top-level prefix for in-flight writes; give it a lifecycle rule on real buckets
 _CHUNK = 1 << 20
-T = TypeVar("T")
 
 
 class ArtifactStoreError(RuntimeError):
@@ -50,6 +52,11 @@ class ArtifactStoreError(RuntimeError):
 
 class ArtifactIntegrityError(ArtifactStoreError):
     """A stored or downloaded file does not match its recorded size or sha256."""
+
+
+class ArtifactFileError(ValueError):
+    """A symbolic link or special file where the store only takes regular files (on publish, or under a local
+    store's root). Not an ArtifactStoreError: retrying cannot fix it, so a step must not retry on it."""
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,18 @@ class ArtifactInfo:
 # The interface: public operations implemented once on top of a few backend primitives.
 
 
-class ArtifactStore(dg.ConfigurableResource, ABC):
-    """Abstract artifact store; annotate asset parameters with this type to accept either backend."""
+class ArtifactStore(BaseModel, ABC):
+    """Abstract artifact store: code that takes either backend takes this type."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     def put_file(self, local_path: str | os.PathLike[str], key: str) -> ArtifactInfo:
         """Upload one file atomically and return its URI, size and sha256."""
         key = validate_key(key)
         path = Path(local_path)
+        if path.is_symlink():
+            raise ArtifactFileError(f"put_file: {path} is a symbolic link; the artifact store never follows links. "
+                                    "Publish the file it points to by its own path.")
         if not path.is_file():
             raise FileNotFoundError(f"put_file: {path} is not a file")
         size, digest = path.stat().st_size, sha256_file(path)
@@ -87,7 +99,7 @@ class ArtifactStore(dg.ConfigurableResource, ABC):
         """Upload every file under local_dir, then publish the directory by writing its manifest last."""
         prefix = validate_key(key_prefix)
         root = Path(local_dir)
-        files = sorted(p for p in root.rglob("*") if p.is_file())
+        files = published_files(root)
         if not files:
             raise ValueError(f"put_dir: {root} holds no files")
         manifest_key = f"{prefix}/{MANIFEST_NAME}"
@@ -124,7 +136,8 @@ class ArtifactStore(dg.ConfigurableResource, ABC):
         target = Path(cache_dir or default_cache_dir()).expanduser() / digest[:16]
         for entry in entries:
             path = target / entry["path"]
-            if path.is_file() and path.stat().st_size == entry["size"] and sha256_file(path) == entry["sha256"]:
+            if (not path.is_symlink() and path.is_file() and path.stat().st_size == entry["size"]
+                    and sha256_file(path) == entry["sha256"]):
                 continue
             if path.exists():
                 log.warning("cached %s does not match the manifest of %s; downloading it again", path, self.uri(prefix))
@@ -216,7 +229,11 @@ class ArtifactStore(dg.ConfigurableResource, ABC):
 
 
 class LocalArtifactStore(ArtifactStore):
-    """Artifacts as files under a local directory (the embedded default; also fine on NFS)."""
+    """Artifacts as files under a local directory (the embedded default; also fine on NFS).
+
+    Only regular files and real directories under the root count: a symbolic link anywhere under it (planted by
+    hand, or by a process sharing the directory) is refused on every read rather than followed out of the root.
+    """
 
     root: str = Field(description="Directory holding the artifacts (created on first write).")
 
@@ -225,10 +242,18 @@ class LocalArtifactStore(ArtifactStore):
         return Path(self.root).expanduser().resolve()
 
     def _path(self, key: str) -> Path:
-        return self.root_path / validate_key(key, allow_empty=True)
+        """The file for key, after checking that no part of it below the root is a symbolic link."""
+        root = self.root_path
+        path = root
+        for part in validate_key(key, allow_empty=True).split("/") if key else []:
+            path = path / part
+            if path.is_symlink():
+                raise ArtifactFileError(f"{path} is a symbolic link inside the artifact store {root}; the store never "
+                                        "follows links. Remove it and publish the artifact again.")
+        return path
 
     def uri(self, key: str) -> str:
-        return self._path(key).as_uri()
+        return (self.root_path / validate_key(key, allow_empty=True)).as_uri()
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -237,8 +262,14 @@ class LocalArtifactStore(ArtifactStore):
         base, root = self._path(prefix), self.root_path
         if not base.is_dir():
             return []
-        keys = (p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())
-        return sorted(k for k in keys if not _is_internal(k))
+        keys = []
+        for directory, dirs, files in os.walk(base):  # os.walk does not descend into linked directories
+            here = Path(directory)
+            for name in [*dirs, *files]:
+                if (here / name).is_symlink():
+                    log.warning("ignoring symbolic link %s in the artifact store (never followed)", here / name)
+            keys += [(here / f).relative_to(root).as_posix() for f in files if not (here / f).is_symlink()]
+        return sorted(k for k in keys if not is_internal_key(k))
 
     def _upload(self, path: Path, key: str, size: int, sha256: str) -> None:
         # Staged on the same file system as the target, so os.replace is an atomic rename.
@@ -246,9 +277,10 @@ class LocalArtifactStore(ArtifactStore):
         staging.mkdir(parents=True, exist_ok=True)
         tmp = staging / uuid.uuid4().hex
         try:
-            shutil.copyfile(path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())  # the data reaches the disk before the rename makes it visible
+            with open_regular(path, "put_file") as src, open(tmp, "xb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())  # the data reaches the disk before the rename makes it visible
             if tmp.stat().st_size != size:
                 raise ArtifactIntegrityError(f"staged copy of {path} for {self.uri(key)} has the wrong size")
             final = self._path(key)
@@ -258,17 +290,19 @@ class LocalArtifactStore(ArtifactStore):
             tmp.unlink(missing_ok=True)
 
     def _download(self, key: str, dest: Path) -> str | None:
-        src = self._path(key)
-        if not src.is_file():
-            raise FileNotFoundError(f"artifact {key!r} not found at {self.uri(key)}")
-        shutil.copyfile(src, dest)
+        with self._open(key) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, _CHUNK)
         return None  # no sidecar: files written by put_file are trusted; get_dir checks against the manifest
 
     def _read_bytes(self, key: str) -> bytes:
+        with self._open(key) as f:
+            return f.read()
+
+    def _open(self, key: str) -> BinaryIO:
         path = self._path(key)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"artifact {key!r} not found at {self.uri(key)}")
-        return path.read_bytes()
+        return open_regular(path, f"artifact {key!r}")
 
     def _delete_keys(self, keys: list[str]) -> None:
         root = self.root_path
@@ -283,207 +317,6 @@ class LocalArtifactStore(ArtifactStore):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# S3 backend (boto3).
-
-
-class S3ArtifactStore(ArtifactStore):
-    """Artifacts as objects in an S3 bucket: AWS, or SeaweedFS / MinIO through endpoint_url.
-
-    Credentials come from the standard boto3 chain (env AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile, role);
-    they are never part of this config nor of any message.
-    """
-
-    bucket: str
-    prefix: str = Field(default="", description="Key prefix inside the bucket for every artifact.")
-    endpoint_url: str | None = Field(default=None, description="S3 endpoint, e.g. http://127.0.0.1:8333 (None: AWS).")
-    region_name: str | None = None
-    max_attempts: int = Field(default=5, description="botocore attempts per request (standard retry mode).")
-    operation_retries: int = Field(default=2, description="Retries of a whole operation after transient errors.")
-    multipart_threshold_mb: int = 64
-    multipart_chunksize_mb: int = 16
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 60.0
-
-    _client: Any = PrivateAttr(default=None)
-
-    # -- the client ----------------------------------------------------------------------------------------------
-
-    @property
-    def client(self) -> Any:
-        """The boto3 S3 client (created once; boto3 clients are thread-safe)."""
-        if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                retries={"mode": "standard", "max_attempts": self.max_attempts},
-                connect_timeout=self.connect_timeout_s,
-                read_timeout=self.read_timeout_s,
-                # Path-style URLs (endpoint/bucket/key): SeaweedFS and MinIO have no per-bucket DNS names.
-                s3={"addressing_style": "path"} if self.endpoint_url else {},
-            )
-            session = boto3.session.Session()  # sessions are not thread-safe: one of our own
-            self._client = session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region_name,
-                                          config=config)
-        return self._client
-
-    @property
-    def _transfer(self) -> Any:
-        from boto3.s3.transfer import TransferConfig
-
-        mb = 1 << 20
-        return TransferConfig(multipart_threshold=self.multipart_threshold_mb * mb,
-                              multipart_chunksize=self.multipart_chunksize_mb * mb)
-
-    def _full(self, key: str) -> str:
-        prefix = self.prefix.strip("/")
-        return f"{prefix}/{key}" if prefix and key else prefix or key
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self._full(validate_key(key, allow_empty=True))}"
-
-    # -- public primitives -------------------------------------------------------------------------------------
-
-    def exists(self, key: str) -> bool:
-        key = validate_key(key)
-        try:
-            self._retrying("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)))
-            return True
-        except FileNotFoundError:
-            return False
-
-    def list_keys(self, prefix: str = "") -> list[str]:
-        prefix = validate_key(prefix, allow_empty=True)
-        full = self._full(prefix)
-        search = f"{full}/" if full else ""
-        strip = len(self._full("")) + 1 if self.prefix.strip("/") else 0
-
-        def run() -> list[str]:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=search)
-            return [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])]
-
-        return sorted(k for k in self._retrying("list", prefix or "/", run) if not _is_internal(k))
-
-    # -- backend primitives ------------------------------------------------------------------------------------
-
-    def _upload(self, path: Path, key: str, size: int, sha256: str) -> None:
-        """Upload to a staging key (multipart when large), check its size, then copy it server-side to the key.
-
-        The final key only ever appears through the copy, complete; an interrupted upload leaves at most a
-        staging object or an unfinished multipart upload, both invisible to list_keys and get_*.
-        """
-        final = self._full(key)
-
-        def run() -> None:
-            staged = self._full(f"{STAGING}/{uuid.uuid4().hex}/{key.rsplit('/', 1)[-1]}")
-            try:
-                self.client.upload_file(str(path), self.bucket, staged, Config=self._transfer,
-                                        ExtraArgs={"Metadata": {"sha256": sha256}})
-                stored = self.client.head_object(Bucket=self.bucket, Key=staged)["ContentLength"]
-                if stored != size:
-                    raise ArtifactIntegrityError(f"staged upload of {path} is {stored} bytes, expected {size}")
-                # Managed copy: a multipart (UploadPartCopy) copy above the threshold; metadata is preserved.
-                self.client.copy({"Bucket": self.bucket, "Key": staged}, self.bucket, final, Config=self._transfer)
-            except BaseException as exc:
-                # Tidy up unless the server is unreachable anyway (the cleanup would only add retries).
-                if not _is_transient(exc):
-                    self._discard(staged)
-                raise
-            self._discard(staged)
-
-        self._retrying("upload", key, run)
-
-    def _discard(self, full_key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=full_key)
-        except Exception as exc:  # best effort: a leftover staging object is harmless
-            log.warning("could not delete staging object s3://%s/%s: %s", self.bucket, full_key, exc)
-
-    def _download(self, key: str, dest: Path) -> str | None:
-        def run() -> str | None:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
-            self.client.download_file(self.bucket, self._full(key), str(dest), Config=self._transfer)
-            if dest.stat().st_size != head["ContentLength"]:
-                raise ArtifactIntegrityError(f"download of {self.uri(key)} is truncated")
-            return head.get("Metadata", {}).get("sha256")
-
-        return self._retrying("download", key, run)
-
-    def _read_bytes(self, key: str) -> bytes:
-        return self._retrying(
-            "read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read())
-
-    def _delete_keys(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = keys[start:start + 1000]
-            objects = [{"Key": self._full(k)} for k in batch]
-            resp = self._retrying("delete", batch[0], lambda o=objects: self.client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": o, "Quiet": True}))
-            if resp.get("Errors"):
-                raise ArtifactStoreError(f"could not delete from s3://{self.bucket}: {resp['Errors'][:3]}")
-
-    # -- retries and errors ------------------------------------------------------------------------------------
-
-    def _retrying(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        """Run fn, retrying the whole operation on transient errors (botocore already retried each request).
-
-        Bounded: at most (operation_retries + 1) × max_attempts requests per step, with jittered backoff.
-        """
-        attempts = self.operation_retries + 1
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:
-                if _is_not_found(exc):
-                    raise FileNotFoundError(f"artifact {key!r} not found at {self.uri(key)}") from exc
-                if isinstance(exc, ArtifactStoreError):
-                    raise
-                if not _is_transient(exc) or attempt == attempts:
-                    raise ArtifactStoreError(self._explain(op, key, exc, attempt)) from exc
-                delay = min(2.0 ** (attempt - 1), 10.0) * random.uniform(0.5, 1.0)
-                log.warning("S3 %s of %r failed (%s); retrying in %.1f s", op, key, type(exc).__name__, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _explain(self, op: str, key: str, exc: BaseException, attempts: int) -> str:
-        endpoint = self.endpoint_url or f"AWS S3 ({self.region_name or 'default region'})"
-        return (f"S3 {op} of key {key!r} ({self.uri(key)}) failed at endpoint {endpoint} after {attempts} "
-                f"attempt(s) of up to {self.max_attempts} requests each: {type(exc).__name__}: {exc}. "
-                f"Check that the endpoint is reachable, that bucket {self.bucket!r} exists, and that the "
-                "credentials from the AWS chain (AWS_ACCESS_KEY_ID / AWS_PROFILE / role) can read and write it.")
-
-
-def _error_chain(exc: BaseException) -> Iterable[BaseException]:
-    """exc and what it wraps (boto3's S3UploadFailedError and RetriesExceededError hide the real error)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, HTTPClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    for err in _error_chain(exc):
-        if isinstance(err, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
-            return True
-        if isinstance(err, ClientError):
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            code = err.response.get("Error", {}).get("Code", "")
-            return status >= 500 or code in {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"}
-    return False
-
-
-def _is_not_found(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError
-
-    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey",
-                                                                                          "NotFound"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Factory and small helpers.
 
 
@@ -493,6 +326,8 @@ def artifact_store_from_url(url: str) -> ArtifactStore:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"no bucket in {url!r}: expected s3://bucket/prefix")
+        from orchestration.s3_store import S3ArtifactStore  # boto3 loads only when S3 is used
+
         endpoint = os.environ.get("NANOCHAT_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
         return S3ArtifactStore(bucket=parsed.netloc, prefix=parsed.path.strip("/"), endpoint_url=endpoint)
     if parsed.scheme == "file":
@@ -531,13 +366,51 @@ def default_cache_dir() -> Path:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(Path(path), "sha256") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _is_internal(key: str) -> bool:
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """Open a regular file for reading, refusing a symbolic link (O_NOFOLLOW: no race between check and open) and
+    anything that is not a regular file (a FIFO would block forever, a device never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ArtifactFileError(f"{what}: {path} is a symbolic link; the artifact store never follows links. "
+                                    "Copy the file it points to in its place.") from e
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ArtifactFileError(f"{what}: {path} is not a regular file (mode {stat.filemode(mode)}); the artifact "
+                                "store only holds regular files.")
+    return os.fdopen(fd, "rb")
+
+
+def published_files(root: Path) -> list[Path]:
+    """Every file under root, sorted, for put_dir; refuses links and special files anywhere below root rather than
+    publishing what they point at (a linked host file would otherwise leave the machine inside an artifact)."""
+    if not root.is_dir():
+        raise NotADirectoryError(f"put_dir: {root} is not a directory")
+    files = []
+    for directory, dirs, names in os.walk(root):
+        here = Path(directory)
+        for name in sorted([*dirs, *names]):
+            path = here / name
+            if path.is_symlink():
+                raise ArtifactFileError(f"put_dir: {path} is a symbolic link (to {os.readlink(path)}); the artifact "
+                                        f"store never follows links. Copy what it points to into {root} instead.")
+            if name in names and not stat.S_ISREG(path.lstat().st_mode):
+                raise ArtifactFileError(f"put_dir: {path} is not a regular file; only regular files are published.")
+        files += [here / name for name in names]
+    return sorted(files)
+
+
+def is_internal_key(key: str) -> bool:
+    """Whether key is an in-flight staging object (never listed or read as an artifact)."""
     return key.split("/", 1)[0] == STAGING
 
 

@@ -1,8 +1,9 @@
 """
 Eval history in DuckDB: one row per (run, stage, checkpoint, task, metric).
 
-Everything here is a plain function over a duckdb connection, so the Dagster assets (through
-`dagster_duckdb.DuckDBResource.get_connection()`), the `nanochat-evals` CLI and the app share one code path.
+Everything here is a plain function over a duckdb connection and imports no Dagster, so the assets (through the
+`EvalHistory` resource in orchestration/defs/resources.py, whose `record` calls `record` here), the
+`nanochat-evals` CLI and the chat app (its Scores tab and model picker) share one code path.
 
 DuckDB admits one read-write process or many read-only ones, never both at once. So:
 - writers (`record_*`) are serialized by a Dagster pool and each write is one short transaction;
@@ -115,14 +116,6 @@ class DatabaseLockedError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Connections
-
-
-def default_db_path() -> Path:
-    """$NANOCHAT_DUCKDB, else evals.duckdb under $NANOCHAT_BASE_DIR (default ~/.cache/nanochat)."""
-    if os.environ.get("NANOCHAT_DUCKDB"):
-        return Path(os.environ["NANOCHAT_DUCKDB"])
-    base = os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat"
-    return Path(base) / "evals.duckdb"
 
 
 def connect_rw(
@@ -254,6 +247,38 @@ def _refuse_newer(conn: duckdb.DuckDBPyConnection, current: int) -> None:
 # the same key replaces the row, so a retried or re-materialized asset never duplicates history.
 
 
+def record(
+    conn: duckdb.DuckDBPyConnection,
+    *,
+    run_id: str,
+    stage: str,
+    checkpoint_id: str,
+    step: int,
+    uri: str,
+    profile: str,
+    depth: int,
+    scores: Mapping[str, Mapping[str, float]] | None = None,
+    tokens_seen: int | None = None,
+    git_sha: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    started_at: datetime | None = None,
+    recorded_at: datetime | None = None,
+) -> int:
+    """A run, one of its checkpoints and that checkpoint's {task: {metric: value}} scores, in one transaction.
+
+    What every asset calls (through the EvalHistory resource). Returns the number of score rows written.
+    """
+    _check_stage(stage)
+    rows = _result_rows(run_id, stage, checkpoint_id, scores or {}, profile, depth, tokens_seen, recorded_at)
+    migrate(conn)
+    with _transaction(conn):
+        _write_run(conn, run_id, profile, depth, git_sha, config, run_id, started_at)
+        _write_checkpoint(conn, checkpoint_id, run_id, stage, step, uri, tokens_seen, None)
+        if rows:
+            _write_results(conn, rows)
+    return len(rows)
+
+
 def record_run(
     conn: duckdb.DuckDBPyConnection,
     run_id: str,
@@ -266,9 +291,8 @@ def record_run(
     started_at: datetime | None = None,
 ) -> None:
     migrate(conn)
-    row = [run_id, _utc(started_at), profile, depth, git_sha, _json(config), dagster_run_id]
     with _transaction(conn):
-        conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at)
 
 
 def record_checkpoint(
@@ -284,9 +308,8 @@ def record_checkpoint(
 ) -> None:
     _check_stage(stage)
     migrate(conn)
-    row = [checkpoint_id, run_id, stage, step, uri, tokens_seen, _utc(created_at)]
     with _transaction(conn):
-        conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        _write_checkpoint(conn, checkpoint_id, run_id, stage, step, uri, tokens_seen, created_at)
 
 
 def record_eval_results(
@@ -303,19 +326,37 @@ def record_eval_results(
 ) -> int:
     """Record {task: {metric: value}} for one checkpoint; returns the number of rows written."""
     _check_stage(stage)
-    at = _utc(recorded_at)
-    # Validate everything before touching the database, so a bad value never leaves a partial eval behind.
-    rows = [
-        [run_id, stage, checkpoint_id, task, metric, _finite(task, metric, value), at, profile, depth, tokens_seen]
-        for task, metrics in results.items()
-        for metric, value in metrics.items()
-    ]
+    rows = _result_rows(run_id, stage, checkpoint_id, results, profile, depth, tokens_seen, recorded_at)
     if not rows:
         raise ValueError(f"no eval results to record for run {run_id!r}, checkpoint {checkpoint_id!r}")
     migrate(conn)
     with _transaction(conn):
-        conn.executemany("INSERT OR REPLACE INTO eval_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        _write_results(conn, rows)
     return len(rows)
+
+
+def _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at) -> None:
+    row = [run_id, _utc(started_at), profile, depth, git_sha, _json(config), dagster_run_id]
+    conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+
+def _write_checkpoint(conn, checkpoint_id, run_id, stage, step, uri, tokens_seen, created_at) -> None:
+    row = [checkpoint_id, run_id, stage, step, uri, tokens_seen, _utc(created_at)]
+    conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+
+
+def _result_rows(run_id, stage, checkpoint_id, results, profile, depth, tokens_seen, recorded_at) -> list[list]:
+    # Validated before touching the database, so a bad value never leaves a partial eval behind.
+    at = _utc(recorded_at)
+    return [
+        [run_id, stage, checkpoint_id, task, metric, _finite(task, metric, value), at, profile, depth, tokens_seen]
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+    ]
+
+
+def _write_results(conn, rows: list[list]) -> None:
+    conn.executemany("INSERT OR REPLACE INTO eval_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
 
 def _finite(task: str, metric: str, value: Any) -> float:
@@ -453,6 +494,37 @@ def latest(
         ORDER BY e.task, e.metric
     """
     return _rows(conn, sql, {"stage": stage, "run_id": run_id, "checkpoint_id": checkpoint_id})
+
+
+def series(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """Every (task, metric) pair recorded: the aggregates (task "all": CORE, ChatCORE, ...) first, then per task."""
+    pairs = conn.execute("SELECT DISTINCT task, metric FROM eval_results").fetchall()
+    return sorted(pairs, key=lambda p: (p[0] != AGGREGATE_TASK, p[0], p[1]))
+
+
+def checkpoint_scores(conn: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Each recorded checkpoint with its aggregate scores ({metric: latest value}), for the app's model picker.
+
+    A mid or SFT checkpoint also carries the CORE of its run's base checkpoint (CORE is measured on base models,
+    ChatCORE on chat models), so one label shows both.
+    """
+    checkpoints = _rows(conn, "SELECT checkpoint_id, run_id, stage, step, uri, created_at FROM checkpoints", {})
+    aggregates = _rows(conn, """
+        SELECT run_id, stage, checkpoint_id, metric, value FROM eval_results
+        WHERE task = $task
+        QUALIFY row_number() OVER (PARTITION BY run_id, stage, checkpoint_id, metric ORDER BY recorded_at DESC) = 1
+        ORDER BY metric
+    """, {"task": AGGREGATE_TASK})
+    own: dict[tuple, dict[str, float]] = {}
+    base_core: dict[str, dict[str, float]] = {}  # run_id -> CORE of its base checkpoint
+    for a in aggregates:
+        own.setdefault((a["run_id"], a["stage"], a["checkpoint_id"]), {})[a["metric"]] = a["value"]
+        if a["stage"] == "base" and a["metric"].startswith("CORE"):
+            base_core.setdefault(a["run_id"], {})[a["metric"]] = a["value"]
+    for c in checkpoints:
+        inherited = base_core.get(c["run_id"], {}) if c["stage"] != "base" else {}
+        c["scores"] = {**inherited, **own.get((c["run_id"], c["stage"], c["checkpoint_id"]), {})}
+    return checkpoints
 
 
 def _rows(conn: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ nanochat-evals: read the eval history (see orchestration/eval_store.py) from the
     nanochat-evals latest [--stage S] [--run RUN]
     nanochat-evals sql "SELECT ..."
 
---db PATH (default $NANOCHAT_DUCKDB, else <$NANOCHAT_BASE_DIR or ~/.cache/nanochat>/evals.duckdb) and --json
+--db PATH (default $NANOCHAT_DUCKDB, else $NANOCHAT_HOME/evals.duckdb; see orchestration/home.py) and --json
 go before or after the subcommand. The database is always opened read-only with file access disabled, so this
 tool can run beside a writer's short transactions (retrying while one holds the lock) and `sql` cannot change
 anything, on disk or elsewhere.
@@ -26,11 +26,12 @@ from typing import Any
 import duckdb
 
 from orchestration import eval_store as es
+from orchestration import home
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    db = getattr(args, "db", None) or es.default_db_path()
+    db = getattr(args, "db", None) or home.duckdb_path()
     try:
         conn = es.connect_ro(db, config={"enable_external_access": False})
     except (FileNotFoundError, es.DatabaseLockedError) as e:

@@ -19,18 +19,19 @@ from pathlib import Path
 import dagster as dg
 
 from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
+from orchestration.home import workspace_dir
 
 # Where nanochat keeps each phase's checkpoints under its base dir (as in the original layout).
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 
 
 class Workspace(dg.ConfigurableResource):
-    """Local scratch space for runs: $NANOCHAT_WORKSPACE, else .nanochat-dagster/work in the current directory."""
+    """Local scratch space for runs: $NANOCHAT_WORKSPACE, else $NANOCHAT_HOME/work (orchestration/home.py)."""
 
     root: str = ""
 
     def run_dir(self, context: dg.AssetExecutionContext) -> Path:
-        root = Path(self.root or os.environ.get("NANOCHAT_WORKSPACE", ".nanochat-dagster/work")).resolve()
+        root = Path(self.root).resolve() if self.root else workspace_dir()
         path = root / context.run.run_id / context.asset_key.to_user_string().replace("/", "_")
         path.mkdir(parents=True, exist_ok=True)
         return path

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -16,13 +19,15 @@ from s3server import free_port, raw_keys, s3_store_like
 
 from orchestration.artifact_store import (
     MANIFEST_NAME,
+    ArtifactFileError,
     ArtifactIntegrityError,
     ArtifactStore,
     ArtifactStoreError,
     LocalArtifactStore,
-    S3ArtifactStore,
     artifact_store_from_url,
 )
+from orchestration.defs import resources
+from orchestration.s3_store import S3ArtifactStore
 
 MB = 1 << 20
 
@@ -421,8 +426,8 @@ def test_artifact_store_from_url(tmp_path, monkeypatch):
 
 
 @dg.asset
-def report(artifacts: ArtifactStore) -> dg.MaterializeResult:
-    """Annotated with the abstract store: either backend can be injected."""
+def report(artifacts: resources.ArtifactStore) -> dg.MaterializeResult:
+    """Annotated with the store's resource type: either backend can be injected, as a plain object."""
     info = artifacts.write_json("reports/latest.json", {"core": 0.3})
     return dg.MaterializeResult(metadata=info.to_metadata())
 
@@ -433,3 +438,106 @@ def test_injected_into_a_dagster_asset(store):
     metadata = result.asset_materializations_for_node("report")[0].metadata
     assert metadata["uri"].value == store.uri("reports/latest.json")
     assert store.read_json("reports/latest.json") == {"core": 0.3}
+
+
+def test_the_resource_builds_the_store_from_its_url_config(tmp_path):
+    """The code location's resource: a URL in the launchpad's config becomes the plain store object."""
+    root = tmp_path / "from-config"
+    result = dg.materialize([report], resources={"artifacts": resources.artifact_store},
+                            run_config={"resources": {"artifacts": {"config": {"url": str(root)}}}})
+    assert result.success
+    assert LocalArtifactStore(root=str(root)).read_json("reports/latest.json") == {"core": 0.3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Symbolic links: never published, never followed out of the local store's root.
+
+
+def test_put_dir_refuses_a_symlinked_file_or_directory(store, tmp_path):
+    secret = tmp_path / "host" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("host secret")
+    for kind in ("file", "dir"):
+        src = tmp_path / f"checkpoint-{kind}"
+        make_tree(src)
+        link = src / "sub" / "link"
+        link.symlink_to(secret if kind == "file" else secret.parent)
+        with pytest.raises(ArtifactFileError, match=f"{link}.* is a symbolic link .*never follows links"):
+            store.put_dir(src, f"runs/{kind}")
+        assert not store.is_published(f"runs/{kind}") and store.list_keys(f"runs/{kind}") == []
+
+
+def test_put_file_refuses_a_symlinked_host_file_and_special_files(store, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    (tmp_path / "link").symlink_to(secret)
+    with pytest.raises(ArtifactFileError, match="is a symbolic link"):
+        store.put_file(tmp_path / "link", "k/link")
+    os.mkfifo(tmp_path / "fifo")  # reading it would block forever
+    src = tmp_path / "dir-with-fifo"
+    src.mkdir()
+    (src / "model.pt").write_bytes(b"x")
+    os.mkfifo(src / "pipe")
+    with pytest.raises(ArtifactFileError, match="pipe is not a regular file"):
+        store.put_dir(src, "k/fifo")
+    assert store.list_keys("k") == []
+
+
+def test_local_store_never_follows_a_link_planted_under_its_root(tmp_path):
+    """A link planted in a published directory (a file, or a directory above it) is refused on every read."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.pt").write_text("not from the store")
+    store = LocalArtifactStore(root=str(tmp_path / "store"))
+    make_tree(tmp_path / "src")
+    store.put_dir(tmp_path / "src", "runs/a")
+    store.put_dir(tmp_path / "src", "runs/b")
+    planted_file = store.root_path / "runs/a/sub/model.bin"
+    planted_file.unlink()
+    planted_file.symlink_to(outside / "model.pt")
+    with pytest.raises(ArtifactFileError, match="model.bin.* is a symbolic link"):
+        store.get_file("runs/a/sub/model.bin", tmp_path / "out.pt")
+    with pytest.raises(ArtifactFileError, match="is a symbolic link"):
+        store.get_dir("runs/a", cache_dir=tmp_path / "cache")
+    shutil.rmtree(store.root_path / "runs/b")
+    (store.root_path / "runs/b").symlink_to(outside)  # a whole directory replaced by a link
+    for read in (lambda: store.read_json("runs/b/manifest.json"), lambda: store.exists("runs/b/config.json"),
+                 lambda: store.is_published("runs/b"), lambda: store.list_keys("runs/b"),
+                 lambda: store.delete_prefix("runs/b")):
+        with pytest.raises(ArtifactFileError, match="runs/b is a symbolic link"):
+            read()
+    assert (outside / "model.pt").read_text() == "not from the store"  # nothing outside was touched
+    assert all(not k.startswith("runs/b") for k in store.list_keys())  # a listing skips the link
+
+
+def test_a_link_in_the_download_cache_is_replaced_not_trusted(store, tmp_path):
+    files = make_tree(tmp_path / "src")
+    store.put_dir(tmp_path / "src", "runs/c")
+    cached = store.get_dir("runs/c", cache_dir=tmp_path / "cache")
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(files["sub/model.bin"])  # same content: a hash check alone would accept the link
+    (cached / "sub/model.bin").unlink()
+    (cached / "sub/model.bin").symlink_to(victim)
+    again = store.get_dir("runs/c", cache_dir=tmp_path / "cache")
+    model = again / "sub/model.bin"
+    assert not model.is_symlink() and model.read_bytes() == files["sub/model.bin"]
+    assert victim.read_bytes() == files["sub/model.bin"]  # the link was replaced, its target left alone
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The boundary: the app and the stores import no Dagster.
+
+DAGSTER_FREE = ["app", "app.__main__", "app.chat", "app.demo", "app.models", "app.scores", "app.ui",
+                "orchestration.artifact_store", "orchestration.s3_store", "orchestration.eval_store",
+                "orchestration.promotion", "orchestration.home", "orchestration.evals_cli"]
+
+
+def test_the_app_and_the_stores_import_no_dagster():
+    code = ("import importlib, pkgutil, sys, app\n"
+            "names = sys.argv[1:] + ['app.' + m.name for m in pkgutil.iter_modules(app.__path__)]\n"
+            "for name in names: importlib.import_module(name)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0].startswith('dagster')}))")
+    out = subprocess.run([sys.executable, "-c", code, *DAGSTER_FREE], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"imported Dagster: {out.stdout}"

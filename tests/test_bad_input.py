@@ -252,10 +252,10 @@ def test_bad_profile_value_is_rejected_naming_the_field(field, value):
 
 def test_wrong_type_in_dagster_run_config_names_the_field(tmp_path):
     import dagster as dg
-    from dagster_duckdb import DuckDBResource
 
     from orchestration.artifact_store import LocalArtifactStore
     from orchestration.defs.data import raw_shards
+    from orchestration.defs.resources import EvalHistory
     from orchestration.launcher import TorchrunLauncher
     from orchestration.workspace import Workspace
 
@@ -264,7 +264,7 @@ def test_wrong_type_in_dagster_run_config_names_the_field(tmp_path):
         "workspace": Workspace(root=str(tmp_path / "work")),
         "profile": RunProfile(),
         "launcher": TorchrunLauncher(),
-        "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb")),
+        "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb")),
     }
     # Refused by Dagster's config validation, before anything runs or is written.
     with pytest.raises(dg.DagsterInvalidConfigError, match="depth"):

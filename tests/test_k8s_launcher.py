@@ -12,13 +12,13 @@ import dagster as dg
 import kubernetes
 import pydantic
 import pytest
-from dagster_duckdb import DuckDBResource
 from dagster_k8s import PipesK8sClient
 from dagster_k8s.client import DagsterKubernetesClient
 from dagster_k8s.pipes import build_pod_body
 
 from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs.data import raw_shards
+from orchestration.defs.resources import EvalHistory
 from orchestration.defs.tokenizer import tokenizer
 from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_checkpoint
 from orchestration.k8s_launcher import K8sTorchrunLauncher, validate_pod_spec
@@ -162,7 +162,7 @@ def test_replaces_the_local_launcher_in_definitions(tmp_path):
     resources = {"artifacts": LocalArtifactStore(root=str(tmp_path / "artifacts")),
                  "workspace": Workspace(root=str(tmp_path / "work")), "profile": RunProfile(name="d20"),
                  "launcher": K8sTorchrunLauncher(image="x"),
-                 "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     defs = dg.Definitions(assets=[raw_shards, tokenizer, base_checkpoint, mid_checkpoint, sft_checkpoint],
                           resources=resources)
     dg.Definitions.validate_loadable(defs)

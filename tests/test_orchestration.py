@@ -7,11 +7,11 @@ import json
 
 import dagster as dg
 import pytest
-from dagster_duckdb import DuckDBResource
 
 from orchestration import eval_store
 from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs.data import raw_shards
+from orchestration.defs.resources import EvalHistory
 from orchestration.defs.tokenizer import tokenizer
 from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_checkpoint
 from orchestration.launcher import TorchrunLauncher
@@ -54,7 +54,7 @@ def run_pipeline(tmp_path, shared_data, monkeypatch, store, selection=None, inst
     monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
     resources = {"artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
                  "profile": RunProfile(**FAST), "launcher": TorchrunLauncher(),
-                 "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     return dg.materialize(ASSETS, resources=resources, selection=selection, instance=instance)
 
 
@@ -108,7 +108,7 @@ def test_child_crash_fails_the_asset_with_the_childs_error(tmp_path, shared_data
     resources = {"artifacts": LocalArtifactStore(root=str(tmp_path / "artifacts")),
                  "workspace": Workspace(root=str(tmp_path / "work")),
                  "profile": RunProfile(**{**FAST, "device_type": "cuda"}), "launcher": TorchrunLauncher(),
-                 "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     result = dg.materialize([raw_shards, tokenizer, base_checkpoint], resources=resources, raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
@@ -125,7 +125,7 @@ def test_child_crash_fails_the_asset_with_the_childs_error(tmp_path, shared_data
 def test_bad_profile_in_run_config_is_rejected_clearly(tmp_path):
     resources = {"artifacts": LocalArtifactStore(root=str(tmp_path / "artifacts")),
                  "workspace": Workspace(root=str(tmp_path / "work")), "profile": RunProfile(),
-                 "launcher": TorchrunLauncher(), "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "launcher": TorchrunLauncher(), "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     # An unknown profile name is refused by config validation, before anything runs (as in the launchpad).
     with pytest.raises(dg.DagsterInvalidConfigError, match="d99"):
         dg.materialize([raw_shards], resources=resources,

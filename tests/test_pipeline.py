@@ -15,13 +15,13 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dagster_duckdb import DuckDBResource
 
 from orchestration import eval_store
 from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs import checks
 from orchestration.defs.data import raw_shards
 from orchestration.defs.evals import base_eval, chat_eval
+from orchestration.defs.resources import EvalHistory
 from orchestration.defs.schedules import weekly_retrain
 from orchestration.defs.sensors import new_promoted_model, new_shards
 from orchestration.defs.serving import promoted_model, report
@@ -47,7 +47,7 @@ FAST = dict(corpus="shared", tok_max_chars=2_000_000, vocab_size=512, depth=2, m
 def resources(tmp_path: Path, store, **overrides) -> dict:
     return {"artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
             "profile": RunProfile(**{**FAST, **overrides}), "launcher": TorchrunLauncher(),
-            "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+            "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
 
 
 def metadata(result, asset: str) -> dict:
@@ -204,7 +204,7 @@ def test_new_shards_sensor_requests_one_run_per_new_listing(tmp_path, monkeypatc
 
 
 def test_new_shards_sensor_skips_while_the_store_is_down(tmp_path):
-    from orchestration.artifact_store import S3ArtifactStore
+    from orchestration.s3_store import S3ArtifactStore
 
     store = S3ArtifactStore(bucket="nanochat", endpoint_url="http://127.0.0.1:9", max_attempts=1)
     result = new_shards(dg.build_sensor_context(resources={"artifacts": store}))

@@ -150,16 +150,16 @@ def test_no_secret_reaches_any_output(canary_s3, tmp_path, shared_data, monkeypa
     import boto3
     import dagster as dg
     from botocore.config import Config
-    from dagster_duckdb import DuckDBResource
     from s3server import REGION
     from test_orchestration import FAST
 
-    from orchestration.artifact_store import S3ArtifactStore
     from orchestration.defs.data import raw_shards
+    from orchestration.defs.resources import EvalHistory
     from orchestration.defs.serving import render_report
     from orchestration.defs.tokenizer import tokenizer
     from orchestration.launcher import TorchrunLauncher
     from orchestration.profiles import RunProfile
+    from orchestration.s3_store import S3ArtifactStore
     from orchestration.workspace import Workspace
 
     server, s3_secret = canary_s3
@@ -181,7 +181,7 @@ def test_no_secret_reaches_any_output(canary_s3, tmp_path, shared_data, monkeypa
     monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
     profile = RunProfile(**FAST)
     resources = {"artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")), "profile": profile,
-                 "launcher": TorchrunLauncher(), "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "launcher": TorchrunLauncher(), "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     (tmp_path / "dagster_home").mkdir()
     instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster_home"))
     result = dg.materialize([raw_shards, tokenizer], resources=resources, instance=instance)

@@ -32,11 +32,11 @@ from orchestration import eval_store as es
 from orchestration.artifact_store import (
     MANIFEST_NAME,
     ArtifactStoreError,
-    S3ArtifactStore,
     sha256_file,
 )
 from orchestration.defs.data import raw_shards
 from orchestration.profiles import RunProfile
+from orchestration.s3_store import S3ArtifactStore
 from orchestration.workspace import Workspace
 
 pytestmark = pytest.mark.slow

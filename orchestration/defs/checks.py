@@ -13,7 +13,7 @@ import math
 
 import dagster as dg
 
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore
 from orchestration.profiles import RunProfile
 from orchestration.promotion import profile_key, read_pointer
 from orchestration.workspace import upstream_metadata

@@ -11,7 +11,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from nanochat.dataset import build_shards_from_local, download_shards, list_parquet_files
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, retry_on_store_faults
 

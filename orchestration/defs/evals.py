@@ -14,10 +14,9 @@ and how to get the data.
 
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from orchestration import eval_store
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore, EvalHistory
 from orchestration.launcher import TorchrunLauncher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
@@ -30,22 +29,6 @@ from orchestration.workspace import (
 )
 
 CHAT_STAGES = ("mid", "sft")
-
-
-def record_scores(duckdb: DuckDBResource, profile: RunProfile, stage: str, checkpoint: dict,
-                  scores: dict[str, dict[str, float]]) -> int:
-    """Record {task: {metric: value}} for an upstream checkpoint (its metadata: sha256, uri, step, run id)."""
-    settings = profile.settings()
-    run_id = checkpoint["dagster_run_id"]
-    with eval_store.connect_rw(duckdb.database) as conn:
-        # The checkpoint row normally exists (its training asset wrote it); re-recording it is idempotent and
-        # keeps the history whole when the database was reset between training and evaluation.
-        eval_store.record_checkpoint(conn, checkpoint["sha256"], run_id=run_id, stage=stage,
-                                     step=int(checkpoint["step"]), uri=checkpoint["uri"],
-                                     tokens_seen=checkpoint.get("tokens_seen"))
-        return eval_store.record_eval_results(conn, run_id, stage, checkpoint["sha256"], scores,
-                                              profile=profile.name.value, depth=settings["depth"],
-                                              tokens_seen=checkpoint.get("tokens_seen"))
 
 
 def score_table(columns: list[str], rows: dict[str, list]) -> str:
@@ -72,7 +55,7 @@ def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile
 @dg.asset(group_name="evaluation", code_version="1", deps=["base_checkpoint", "tokenizer", "raw_shards"], pool="gpu",
           kinds={"pytorch", "duckdb"})
 def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: DuckDBResource) -> dg.MaterializeResult:
+              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """CORE (the DCLM in-context suite, centred accuracy), train/val bits per byte and samples of the base model."""
     s = profile.settings()
     tag = profile.model_tag
@@ -96,7 +79,7 @@ def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     bpb = {k: float(result[k]) for k in ("train_bpb", "val_bpb") if result.get(k) is not None}
     if bpb:
         scores["bpb"] = bpb
-    rows = record_scores(duckdb, profile, "base", checkpoint, scores) if scores else 0
+    rows = duckdb.record(context, profile, "base", checkpoint, scores) if scores else 0
 
     with retry_on_store_faults():
         info = artifacts.write_json(f"{checkpoint['key']}/evals/base_eval.json", result)
@@ -127,7 +110,7 @@ def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
 @dg.asset(group_name="evaluation", code_version="1", deps=["mid_checkpoint", "sft_checkpoint", "tokenizer"],
           pool="gpu", kinds={"pytorch", "duckdb"})
 def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: DuckDBResource) -> dg.MaterializeResult:
+              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """ChatCORE (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee) of the mid and SFT checkpoints."""
     s = profile.settings()
     tag = profile.model_tag
@@ -149,7 +132,7 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
         for task, t in (result.get("chat_tasks") or {}).items():
             scores[task] = {k: float(t[k]) for k in ("accuracy", "centered", "pass_at_k") if t.get(k) is not None}
         if scores:
-            rows += record_scores(duckdb, profile, stage, checkpoint, scores)
+            rows += duckdb.record(context, profile, stage, checkpoint, scores)
         with retry_on_store_faults():
             info = artifacts.write_json(f"{checkpoint['key']}/evals/chat_eval.json", result)
         result_shas.append(info.sha256)

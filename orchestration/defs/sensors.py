@@ -10,7 +10,8 @@ import os
 
 import dagster as dg
 
-from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
+from orchestration.artifact_store import ArtifactStoreError
+from orchestration.defs.resources import ArtifactStore
 from orchestration.jobs import report_job, retrain_job
 
 

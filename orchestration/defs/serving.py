@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import dagster as dg
 import torch
 
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore
 from orchestration.profiles import RunProfile
 from orchestration.promotion import write_pointer
 from orchestration.workspace import git_sha, retry_on_store_faults, upstream_metadata

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 
 from nanochat import tok_eval, tok_train
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, fetch_upstream, git_sha, retry_on_store_faults
 

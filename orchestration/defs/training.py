@@ -9,10 +9,8 @@ import math
 from pathlib import Path
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from orchestration import eval_store
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore, EvalHistory
 from orchestration.launcher import TorchrunLauncher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
@@ -27,24 +25,9 @@ from orchestration.workspace import (
 )
 
 
-def record_history(duckdb: DuckDBResource, context, profile: RunProfile, stage: str, checkpoint_id: str, uri: str,
-                   step: int, scores: dict[str, dict[str, float]], tokens_seen: int | None = None) -> None:
-    """The run, its checkpoint and its training-time scores, in the eval history (idempotent, short transaction)."""
-    settings = profile.settings()
-    with eval_store.connect_rw(duckdb.database) as conn:
-        eval_store.record_run(conn, context.run.run_id, profile=profile.name.value, depth=settings["depth"],
-                              git_sha=git_sha(), config=settings, dagster_run_id=context.run.run_id)
-        eval_store.record_checkpoint(conn, checkpoint_id, run_id=context.run.run_id, stage=stage, step=step, uri=uri,
-                                     tokens_seen=tokens_seen)
-        if scores:
-            eval_store.record_eval_results(conn, context.run.run_id, stage, checkpoint_id, scores,
-                                           profile=profile.name.value, depth=settings["depth"],
-                                           tokens_seen=tokens_seen)
-
-
 def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[str, str], profile: RunProfile,
                 workspace: Workspace, artifacts: ArtifactStore, launcher: TorchrunLauncher,
-                duckdb: DuckDBResource) -> dg.MaterializeResult:
+                duckdb: EvalHistory) -> dg.MaterializeResult:
     """Fetch inputs ({asset: phase dir or 'tokenizer'}), train, publish; return the asset's metadata."""
     settings = profile.settings()
     tag = profile.model_tag
@@ -77,8 +60,8 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     # A non-finite loss is not recorded (DuckDB history holds numbers); the no_nan_loss check then blocks promotion.
     scores = {"validation": {k: float(result[k]) for k in ("val_bpb", "val_loss")
                              if result.get(k) is not None and math.isfinite(result[k])}}
-    record_history(duckdb, context, profile, stage, info.sha256, info.uri, step, {k: v for k, v in scores.items() if v},
-                   tokens_seen)
+    duckdb.record(context, profile, stage, {"sha256": info.sha256, "uri": info.uri, "step": step,
+                                            "tokens_seen": tokens_seen}, {k: v for k, v in scores.items() if v})
     if result.get("samples"):
         metadata["samples"] = dg.MetadataValue.md("\n".join(f"- `{s!r}`" for s in result["samples"]))
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(info.sha256))
@@ -88,7 +71,7 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
           kinds={"pytorch"})
 def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                     artifacts: ArtifactStore, launcher: TorchrunLauncher,
-                    duckdb: DuckDBResource) -> dg.MaterializeResult:
+                    duckdb: EvalHistory) -> dg.MaterializeResult:
     """Pretrain the base model on the shards (nanochat.base_train)."""
     s = profile.settings()
     args = [f"--depth={s['depth']}", f"--max-seq-len={s['max_seq_len']}",
@@ -105,7 +88,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, work
           kinds={"pytorch"})
 def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                    artifacts: ArtifactStore, launcher: TorchrunLauncher,
-                   duckdb: DuckDBResource) -> dg.MaterializeResult:
+                   duckdb: EvalHistory) -> dg.MaterializeResult:
     """Mid-train on the conversation mixture (nanochat.mid_train)."""
     s = profile.settings()
     args = [f"--device-batch-size={s['mid_device_batch_size']}", f"--total-batch-size={s['total_batch_size']}",
@@ -119,7 +102,7 @@ def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, works
           kinds={"pytorch"})
 def sft_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                    artifacts: ArtifactStore, launcher: TorchrunLauncher,
-                   duckdb: DuckDBResource) -> dg.MaterializeResult:
+                   duckdb: EvalHistory) -> dg.MaterializeResult:
     """Supervised fine-tuning with assistant-only loss (nanochat.chat_sft)."""
     s = profile.settings()
     args = [f"--device-batch-size={s['sft_device_batch_size']}", f"--examples-per-step={s['sft_examples_per_step']}",
