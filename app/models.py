@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ from typing import Any
 
 import duckdb
 
-from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path
+from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
 from nanochat.engine import Engine
-from nanochat.tokenizer import JSON_NAME, PKL_NAME, HuggingFaceTokenizer, RustBPETokenizer
+from nanochat.tokenizer import load_tokenizer
 from orchestration import eval_store
 from orchestration.artifact_store import MANIFEST_NAME, ArtifactStore
 from orchestration.promotion import LATEST_KEY, read_pointer
@@ -36,7 +35,6 @@ log = logging.getLogger("app")
 STAGES = ("sft", "mid", "base")  # published checkpoints live under <stage>_checkpoint/<profile>/<tag>/<run id>
 HISTORY_PREFIX = "promoted/history"
 MAX_HISTORY = 50  # promotions listed in the picker, newest first
-STEP_RE = re.compile(r"model_(\d+)\.pt")
 
 
 @dataclass
@@ -128,9 +126,7 @@ def local_candidate(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None
     step = find_last_step(checkpoint_dir) if step is None else step
     if tokenizer_dir is None:
         tokenizer_dir = checkpoint_dir.parent.parent / "tokenizer"
-    phase = checkpoint_dir.parent.name
-    stage = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
-             "chatrl_checkpoints": "rl"}.get(phase, "checkpoint")
+    stage = source_of(checkpoint_dir) or "checkpoint"
     return Candidate(id=f"dir:{checkpoint_dir}", stage=stage, step=step, source="command line",
                      checkpoint_dir=checkpoint_dir, tokenizer_dir=Path(tokenizer_dir).expanduser().resolve(),
                      model_tag=checkpoint_dir.name, uri=checkpoint_dir.as_uri())
@@ -231,7 +227,7 @@ def _manifest_step(store: ArtifactStore, manifest_key: str) -> int | None:
     """The step of a published checkpoint, from the model_<step>.pt its manifest lists."""
     try:
         files = store.read_json(manifest_key)["files"]
-        steps = [int(m.group(1)) for f in files if (m := STEP_RE.fullmatch(f["path"]))]
+        steps = [step for f in files if (step := step_of(f["path"])) is not None]
     except Exception:
         return None
     return max(steps, default=None)
@@ -239,15 +235,6 @@ def _manifest_step(store: ArtifactStore, manifest_key: str) -> int | None:
 
 # -----------------------------------------------------------------------------
 # Loading
-
-
-def load_tokenizer(tokenizer_dir: Path):
-    if (tokenizer_dir / PKL_NAME).is_file():
-        return RustBPETokenizer.from_directory(tokenizer_dir)
-    if (tokenizer_dir / JSON_NAME).is_file():
-        return HuggingFaceTokenizer.from_directory(tokenizer_dir)
-    raise FileNotFoundError(f"no tokenizer ({PKL_NAME} or {JSON_NAME}) in {tokenizer_dir}; "
-                            "pass --tokenizer-dir for a --checkpoint outside the standard <base dir> layout")
 
 
 def guess_tokenizer_key(store: ArtifactStore, candidate: Candidate, known: list[Candidate]) -> str:

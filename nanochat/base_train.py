@@ -18,11 +18,10 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import loader_states_meta, resume_training, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_dir_for, loader_states_meta, resume_training, save_checkpoint
 from nanochat.cli import check_ranges
 from nanochat.common import (
     autocast_for,
-    get_base_dir,
     gpu_peak_flops,
     grad_accum_steps,
     print0,
@@ -159,7 +158,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
     adamw, muon = optimizers
 
     model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = get_base_dir() / "base_checkpoints" / model_tag
+    checkpoint_dir = checkpoint_dir_for("base", model_tag)
     step, loader_state = 0, None
     loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
     val_bpb = None

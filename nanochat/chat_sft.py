@@ -15,12 +15,17 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import load_model, loader_states_meta, resume_training, save_checkpoint
+from nanochat.checkpoint_manager import (
+    checkpoint_dir_for,
+    load_model,
+    loader_states_meta,
+    resume_training,
+    save_checkpoint,
+)
 from nanochat.cli import check_ranges
 from nanochat.common import (
     all_reduce_avg,
     autocast_for,
-    get_base_dir,
     is_distributed,
     print0,
     scale_initial_lr,
@@ -104,7 +109,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
     scale_initial_lr(optimizers, args.init_lr_frac)
 
     tag = args.model_tag or f"d{model.config.n_layer}"
-    checkpoint_dir = get_base_dir() / "chatsft_checkpoints" / tag
+    checkpoint_dir = checkpoint_dir_for("sft", tag)
     step, loader_state, val_loss = 0, None, None
     if args.resume:
         # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.

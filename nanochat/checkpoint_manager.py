@@ -54,7 +54,28 @@ def atomic_json_save(obj, path: str | os.PathLike) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Save / load one step
+# The layout: this module is the one place that builds and parses checkpoint paths and file names
+
+MODEL_RE = re.compile(r"model_(\d+)\.pt")
+OPTIM_RE = re.compile(r"optim_(\d+)_rank(\d+)\.pt")
+
+
+def checkpoints_dir_for(source: str, base_dir: str | os.PathLike | None = None) -> Path:
+    """<base>/<phase dir> for a source ("base", "mid", "sft", "rl")."""
+    if source not in PHASE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(PHASE_DIRS)}")
+    return Path(base_dir or get_base_dir()) / PHASE_DIRS[source]
+
+
+def checkpoint_dir_for(source: str, model_tag: str, base_dir: str | os.PathLike | None = None) -> Path:
+    """<base>/<phase dir>/<model tag>: where a training entry point saves its steps."""
+    return checkpoints_dir_for(source, base_dir) / model_tag
+
+
+def source_of(checkpoint_dir: str | os.PathLike) -> str | None:
+    """The source ("base", "mid", ...) a <base>/<phase dir>/<tag> directory belongs to; None outside the layout."""
+    phase_dir = Path(checkpoint_dir).parent.name
+    return next((source for source, name in PHASE_DIRS.items() if name == phase_dir), None)
 
 
 def model_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
@@ -67,6 +88,25 @@ def meta_path(checkpoint_dir: str | os.PathLike, step: int) -> Path:
 
 def optim_path(checkpoint_dir: str | os.PathLike, step: int, rank: int) -> Path:
     return Path(checkpoint_dir) / f"optim_{step:06d}_rank{rank:d}.pt"
+
+
+def step_of(filename: str) -> int | None:
+    """The step of a model_<step>.pt file name (any directory part is ignored); None for any other name."""
+    m = MODEL_RE.fullmatch(Path(filename).name)
+    return int(m.group(1)) if m else None
+
+
+def step_files(checkpoint_dir: str | os.PathLike, step: int, include_optimizer: bool = False) -> list[str]:
+    """The file names of one saved step: model and meta, plus the optimizer shards on disk when asked."""
+    names = [model_path(".", step).name, meta_path(".", step).name]
+    if include_optimizer:
+        names += sorted(p.name for p in Path(checkpoint_dir).glob(f"optim_{step:06d}_rank*.pt")
+                        if (m := OPTIM_RE.fullmatch(p.name)) and int(m.group(1)) == step)
+    return names
+
+
+# -----------------------------------------------------------------------------
+# Save / load one step
 
 
 def save_checkpoint(
@@ -280,8 +320,7 @@ def find_largest_model(checkpoints_dir: str | os.PathLike) -> str:
 
 def _saved_steps(checkpoint_dir: str | os.PathLike) -> list[int]:
     # fullmatch: atomic_write's temp files (".model_000010.pt.<random>.tmp") never count as a saved step.
-    return [int(m.group(1)) for p in Path(checkpoint_dir).glob("model_*.pt")
-            if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+    return [step for p in Path(checkpoint_dir).glob("model_*.pt") if (step := step_of(p.name)) is not None]
 
 
 def find_last_step(checkpoint_dir: str | os.PathLike) -> int:
@@ -311,12 +350,6 @@ def find_last_complete_step(checkpoint_dir: str | os.PathLike, world_size: int) 
                        step, checkpoint_dir, ", ".join(p.name for p in missing))
     raise FileNotFoundError(f"no complete checkpoint (model + meta + {world_size} optimizer shard(s)) in "
                             f"{checkpoint_dir}; start without --resume")
-
-
-def checkpoints_dir_for(source: str, base_dir: str | os.PathLike | None = None) -> Path:
-    if source not in PHASE_DIRS:
-        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(PHASE_DIRS)}")
-    return Path(base_dir or get_base_dir()) / PHASE_DIRS[source]
 
 
 def load_model_from_dir(

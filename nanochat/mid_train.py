@@ -16,11 +16,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import load_model, loader_states_meta, resume_training, save_checkpoint
+from nanochat.checkpoint_manager import (
+    checkpoint_dir_for,
+    load_model,
+    loader_states_meta,
+    resume_training,
+    save_checkpoint,
+)
 from nanochat.cli import check_ranges
 from nanochat.common import (
     autocast_for,
-    get_base_dir,
     grad_accum_steps,
     is_distributed,
     print0,
@@ -85,7 +90,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
     scale_initial_lr(optimizers, args.init_lr_frac)
 
     tag = args.model_tag or f"d{model.config.n_layer}"
-    checkpoint_dir = get_base_dir() / "mid_checkpoints" / tag
+    checkpoint_dir = checkpoint_dir_for("mid", tag)
     step, loader_state, val_bpb = 0, None, None
     if args.resume:
         # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.

@@ -449,6 +449,17 @@ def save_token_bytes(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> 
     return token_bytes
 
 
+def load_tokenizer(tokenizer_dir: str | os.PathLike) -> RustBPETokenizer | HuggingFaceTokenizer:
+    """The tokenizer saved in a directory: tokenizer.pkl (tiktoken, the original format), else tokenizer.json."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / PKL_NAME).is_file():
+        return RustBPETokenizer.from_directory(tokenizer_dir)
+    if (tokenizer_dir / JSON_NAME).is_file():
+        return HuggingFaceTokenizer.from_directory(tokenizer_dir)
+    raise FileNotFoundError(f"no tokenizer ({PKL_NAME} or {JSON_NAME}) in {tokenizer_dir}; {HOW_TO_CREATE}, or pass "
+                            "--tokenizer-dir for a --checkpoint outside the standard <base dir> layout")
+
+
 def get_tokenizer(base_dir: str | os.PathLike | None = None) -> RustBPETokenizer:
     """The tokenizer in `<base_dir>/tokenizer/` (base_dir: $NANOCHAT_BASE_DIR or ~/.cache/nanochat)."""
     return RustBPETokenizer.from_directory(_tokenizer_dir(base_dir))

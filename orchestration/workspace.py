@@ -18,11 +18,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from nanochat.checkpoint_manager import PHASE_DIRS, step_files
 from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
 from orchestration.home import workspace_dir
-
-# Where nanochat keeps each phase's checkpoints under its base dir (as in the original layout).
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
 
 
 class Workspace(dg.ConfigurableResource):
@@ -91,10 +89,7 @@ def publish_checkpoint(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    names = [f"model_{step:06d}.pt", f"meta_{step:06d}.json"]
-    if include_optimizer:
-        names += sorted(p.name for p in checkpoint_dir.glob(f"optim_{step:06d}_rank*.pt"))
-    for name in names:
+    for name in step_files(checkpoint_dir, step, include_optimizer):
         src = checkpoint_dir / name
         if not src.exists():
             raise dg.Failure(f"training reported step {step} but {src} is missing")

@@ -13,11 +13,15 @@ from nanochat.checkpoint_manager import (
     CheckpointError,
     atomic_torch_save,
     build_model,
+    checkpoint_dir_for,
     find_largest_model,
     find_last_step,
     load_checkpoint,
     load_model,
     save_checkpoint,
+    source_of,
+    step_files,
+    step_of,
 )
 from nanochat.gpt import GPT, GPTConfig
 
@@ -141,3 +145,19 @@ def test_interrupted_write_leaves_previous_file_intact(tmp_path):
         atomic_torch_save({"w": torch.zeros(1000), "x": Boom()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model_000001.pt"]  # no temp file left behind
+
+
+def test_the_layout_is_built_and_parsed_in_one_place(tmp_path):
+    directory = checkpoint_dir_for("sft", "d4", base_dir=tmp_path)
+    assert directory == tmp_path / "chatsft_checkpoints" / "d4"
+    assert source_of(directory) == "sft" and source_of(tmp_path / "elsewhere" / "d4") is None
+    assert step_of("model_000120.pt") == 120 and step_of("sub/model_7.pt") == 7
+    assert step_of(".model_000120.pt.x1.tmp") is None and step_of("meta_000120.json") is None
+    directory.mkdir(parents=True)
+    for name in ("optim_000005_rank1.pt", "optim_000005_rank0.pt", "optim_000050_rank0.pt", "optim_000005_rankx.pt"):
+        (directory / name).touch()
+    assert step_files(directory, 5) == ["model_000005.pt", "meta_000005.json"]
+    assert step_files(directory, 5, include_optimizer=True) == [
+        "model_000005.pt", "meta_000005.json", "optim_000005_rank0.pt", "optim_000005_rank1.pt"]
+    with pytest.raises(ValueError, match="unknown checkpoint source"):
+        checkpoint_dir_for("nope", "d4")
