@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -233,8 +236,6 @@ def test_fork_bomb_is_blocked(bomb):
         "import os; os.popen('echo hi').read()",
         "import os; os.execv('/bin/echo', ['echo', 'hi'])",
         "import os; os.posix_spawn('/bin/echo', ['echo', 'hi'], {})",
-        "import sys; del sys.modules['subprocess']; import subprocess",  # fresh copy needs _posixsubprocess
-        "import ctypes",
     ],
 )
 def test_process_spawning_and_native_code_are_blocked(spawn):
@@ -242,6 +243,28 @@ def test_process_spawning_and_native_code_are_blocked(spawn):
     assert_blocked(result)
     assert "hi" not in result.stdout
     assert elapsed < 3.0
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import sys; del sys.modules['subprocess']; import subprocess",  # a fresh copy needs _posixsubprocess
+        "import ctypes",
+        "import ssl",
+        "import pwd",
+    ],
+)
+def test_blocked_modules_do_not_exist_in_the_sandbox(code):
+    # Not a violation: `try: import x except ImportError` works, as where the module was never built.
+    result, _ = run(code)
+    assert not result.success and result.error.startswith("ModuleNotFoundError: sandbox: module")
+    assert "is not available in the sandbox" in result.error
+
+
+def test_modules_that_import_blocked_modules_optionally_still_work():
+    # shutil and tarfile try pwd and grp; urllib and http.client try ssl; all fall back when they are absent.
+    result, _ = run("import shutil, tarfile, tempfile, http.client, urllib.request, typing, json\nprint('ok')")
+    assert result.success and result.stdout == "ok\n", result
 
 
 def test_signalling_the_parent_is_blocked():
@@ -284,8 +307,9 @@ def test_file_size_is_capped():
 
 @pytest.mark.parametrize("timeout_run", [False, True])
 def test_no_processes_or_temp_dirs_are_left_behind(timeout_run):
+    # Without bwrap: the child's pid is the host's (under bwrap it is its own pid namespace's).
     tail = "import time\ntime.sleep(60)\n" if timeout_run else ""
-    result, _ = run(f"import os\nprint(os.getpid(), os.getcwd(), flush=True)\n{tail}", timeout=1.0)
+    result, _ = run(f"import os\nprint(os.getpid(), os.getcwd(), flush=True)\n{tail}", timeout=1.0, isolation="process")
     assert result.timeout == timeout_run
     pid, cwd = result.stdout.split()
     assert process_group_members(int(pid)) == []  # the child ran in its own group, now empty
@@ -300,3 +324,87 @@ def test_concurrent_calls_from_threads():
     assert [r.stdout for r in results[:3]] == ["0\n", "1\n", "4\n"]
     assert all(r.success for r in results[:3])
     assert results[3].timeout
+
+
+# --- arguments -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300, 0, -1.0, True, "5"])
+def test_bad_timeouts_are_a_clear_error(timeout):
+    with pytest.raises(ValueError, match="timeout must be"):
+        execute_code("print(1)", timeout=timeout)
+
+
+@pytest.mark.parametrize("memory", [0, -1, 1024, 2.5e8, True])
+def test_bad_memory_limits_are_a_clear_error(memory):
+    # 0 or a negative number once meant "no limit" silently; None is the only way to say that.
+    with pytest.raises(ValueError, match="maximum_memory_bytes must be"):
+        execute_code("print(1)", maximum_memory_bytes=memory)
+
+
+# --- the audit hook's own state --------------------------------------------------------------------------
+
+
+def test_hook_functions_hold_no_mutable_state_and_look_up_no_names():
+    """What the audit hook decides cannot be changed through a frame of it that the program gets hold of: its
+    functions have no closure cells and load no global or builtin name (everything comes from their default
+    tuples), and every default is immutable or a function (whose code and defaults the hook protects)."""
+    import dis
+    import types
+
+    from nanochat import sandbox_child
+
+    name_loads = {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLOSURE", "LOAD_CLASSDEREF", "STORE_GLOBAL",
+                  "MAKE_CELL", "MAKE_FUNCTION"}  # fmt: skip
+    immutable = (str, bytes, int, bool, float, type(None), frozenset, types.BuiltinFunctionType, types.FunctionType,
+                 types.CodeType, type)  # fmt: skip
+
+    def frozen(value) -> bool:
+        return isinstance(value, immutable) or (type(value) is tuple and all(frozen(v) for v in value))
+
+    for function in sandbox_child._HOOK_FUNCTIONS:
+        code = function.__code__
+        assert code.co_freevars == () and code.co_cellvars == (), function.__name__
+        loads = {i.opname for i in dis.get_instructions(code)} & name_loads
+        assert not loads, (function.__name__, loads)
+    hook = sandbox_child._make_audit_hook("/nonexistent", ("/nonexistent",), 1, os._exit)  # not called
+    seen, pending = set(), [hook]
+    while pending:  # every function reachable from the hook's defaults
+        function = pending.pop()
+        assert function.__closure__ is None and function.__kwdefaults__ is None, function.__name__
+        assert function.__globals__ == {"__builtins__": {}}, function.__name__
+        for value in function.__defaults__ or ():
+            assert frozen(value), (function.__name__, type(value))
+            if isinstance(value, types.FunctionType) and value not in seen:
+                seen.add(value)
+                pending.append(value)
+    assert len(seen) >= 10
+
+
+# --- isolation and the start-up line ---------------------------------------------------------------------
+
+
+def test_default_isolation_is_the_strongest_and_logged(caplog, monkeypatch):
+    from nanochat import execution
+
+    monkeypatch.delenv("NANOCHAT_SANDBOX", raising=False)
+    monkeypatch.setattr(execution, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="nanochat.execution"):
+        assert execute_code("print(1)").success
+        assert execute_code("print(2)").success
+    lines = [r.getMessage() for r in caplog.records if "active layers" in r.getMessage()]
+    assert len(lines) == 1, lines  # once per process
+    bwrap_works = execution._bwrap_problem() is None
+    assert ("active layers: bwrap" in lines[0]) == bwrap_works, lines[0]
+    assert "audit hook" in lines[0] and "missing:" in lines[0]
+
+
+def test_python_only_switch_is_ignored_outside_tests():
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    env.update(NANOCHAT_SANDBOX_TEST_PYTHON_ONLY="1", NANOCHAT_SANDBOX="process",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # fmt: skip
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from nanochat.execution import execute_code; assert execute_code('print(1)').success\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "active layers" in done.stderr and "TEST SWITCH" not in done.stderr, done.stderr

@@ -18,37 +18,19 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sandbox_host import TIMEOUT, attempt, make_host, run_attempt
 
-from nanochat.execution import ExecutionResult, execute_code
-
-TIMEOUT = 1.5  # seconds each attempt may run; long enough for a slow start, short for the loop attempts
-SLACK = 3.0  # two interpreter starts and the reaping, on a busy 2-core machine
-
-
-@dataclass(frozen=True)
-class Attempt:
-    id: str
-    code: str
-    expect: str  # blocked (a `sandbox:` error), timeout, memory, error (any other clear error), ok
-    words: tuple[str, ...] = ()  # the error must contain these
-    helper_parent: bool = False  # run from a helper process whose own environment holds the secret
-
-
-def attempt(id: str, code: str, expect: str = "blocked", *words: str, helper_parent: bool = False) -> Attempt:
-    return Attempt(id, textwrap.dedent(code).strip() + "\n", expect, words, helper_parent)
-
+from nanochat.execution import _bwrap_problem, execute_code
 
 ATTEMPTS = [
     # --- writing outside the sandbox directory ------------------------------------------------------------
@@ -86,8 +68,8 @@ ATTEMPTS = [
         """, "blocked"),
     attempt("dev_shm", "open('/dev/shm/' + MARKER, 'w')", "blocked", "writing"),
     attempt("shared_memory", "from multiprocessing import shared_memory; shared_memory.SharedMemory(MARKER, True, 64)",
-            "blocked", "_posixshmem"),
-    attempt("named_semaphore", "import multiprocessing; multiprocessing.Lock()", "blocked", "_multiprocessing"),
+            "error", "_posixshmem", "not available"),
+    attempt("named_semaphore", "import multiprocessing; multiprocessing.Lock()", "error", "_multiprocessing"),
     attempt("proc_self_mem", "open('/proc/self/mem', 'r+b')", "blocked", "writing"),
     attempt("parent_stdout", "import os; open(f'/proc/{os.getppid()}/fd/1', 'w').write('hello')", "blocked"),
     attempt("pathlike_flip", """
@@ -152,7 +134,8 @@ ATTEMPTS = [
     attempt("udp_sendto", "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', "
             "('127.0.0.1', UDP_PORT))", "blocked", "network"),
     attempt("unix_connect", "import socket; socket.socket(socket.AF_UNIX).connect(UNIX_SOCKET)", "blocked", "network"),
-    attempt("socketpair", "import socket; socket.socketpair()", "blocked", "network"),
+    # No audit event for socketpair itself: seccomp kills it, or the Python layer refuses the socket object.
+    attempt("socketpair", "import socket; socket.socketpair()", "blocked"),
     attempt("dns_lookup", "import socket; print(socket.gethostbyname('localhost'))", "blocked", "network"),
     attempt("urllib", "import urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{TCP_PORT}/', timeout=1)",
             "blocked", "network"),
@@ -175,7 +158,7 @@ ATTEMPTS = [
         Popen = next(c for c in walk(object) if c.__name__ == 'Popen' and c.__module__ == 'subprocess')
         Popen(SLEEPER)
         """, "blocked", "process creation"),
-    attempt("fresh_posixsubprocess", "import _posixsubprocess", "blocked", "importing _posixsubprocess"),
+    attempt("fresh_posixsubprocess", "import _posixsubprocess", "error", "_posixsubprocess", "not available"),
     attempt("os_system", "import os; os.system(SLEEPER[2])", "blocked", "os.system"),
     attempt("os_popen", "import os; os.popen(SLEEPER[2]).read()", "blocked", "os.popen"),
     attempt("os_execv", "import os; os.execv(SLEEPER[0], SLEEPER)", "blocked", "os.execv"),
@@ -185,7 +168,7 @@ ATTEMPTS = [
         fd = os.memfd_create('x')
         os.write(fd, b'#!/bin/sh\\nsleep 30\\n')
         os.execv(f'/proc/self/fd/{fd}', SLEEPER)
-        """, "blocked", "os.execv"),
+        """, "blocked", "memfd_create"),
     attempt("os_fork", "import os; os.fork() or os.execv(SLEEPER[0], SLEEPER)", "blocked", "fork"),
     attempt("pty_fork", "import pty; pty.fork()", "blocked", "fork"),
     attempt("pty_spawn", "import pty; pty.spawn(SLEEPER)", "blocked"),
@@ -194,7 +177,7 @@ ATTEMPTS = [
     attempt("multiprocessing_fork", "import multiprocessing; multiprocessing.Process(target=print).start()",
             "blocked", "fork"),
     attempt("multiprocessing_spawn", "import multiprocessing as mp; mp.get_context('spawn').Process(target=print)"
-            ".start()", "blocked"),
+            ".start()", "error", "not available"),
     attempt("setsid_escape_group", "import os; os.setsid()", "blocked", "os.setsid"),
     attempt("fork_bomb", """
         import os
@@ -206,7 +189,7 @@ ATTEMPTS = [
         """, "blocked", "fork"),
     # --- native code ----------------------------------------------------------------------------------------
     attempt("ctypes_libc_system", "import ctypes; ctypes.CDLL(None).system(SLEEPER[2].encode())",
-            "blocked", "ctypes"),
+            "error", "ctypes", "not available"),
     attempt("import_module_ctypes", "import importlib; importlib.import_module('_ctypes')", "blocked", "_ctypes"),
     attempt("ctypes_types_via_subclasses", """
         def walk(cls):
@@ -235,7 +218,7 @@ ATTEMPTS = [
         os.write(fd, open(sys.modules[name].__file__, 'rb').read())  # any ELF the program likes
         loader = importlib.machinery.ExtensionFileLoader(name, f'/proc/self/fd/{fd}')
         loader.create_module(importlib.util.spec_from_loader(name, loader))
-        """, "blocked", "native code"),
+        """, "blocked", "memfd_create"),
     attempt("code_object_crafting", "(lambda: 0).__code__.replace(co_code=b'\\x00' * 8)", "blocked", "code objects"),
     attempt("marshal_crafted_code", "import marshal; marshal.loads(marshal.dumps((lambda: 0).__code__))", "blocked",
             "unmarshalling"),
@@ -355,10 +338,11 @@ ATTEMPTS = [
                 g[name] = lambda *args, **kwargs: None
         open(TARGET, 'w')
         """, "blocked", "writing"),
-    attempt("dataclass_globals", """
-        cls = next(c for c in object.__subclasses__() if c.__name__ == 'ExecutionResult')
-        g = cls.__init__.__globals__
-        g['_DENIED_EVENTS'].clear()
+    attempt("sandbox_module_globals", """
+        import os
+        g = os.system.__globals__  # a guard stub: its globals are the sandbox child's own module
+        g['_DENIED_EVENTS'] = ()
+        g['_BLOCKED_MODULES'] = frozenset()
         g['_READABLE_EXTRA'] = ('/',)
         print(open(SECRET_FILE).read())
         """, "blocked", "reading"),
@@ -376,163 +360,188 @@ ATTEMPTS = [
         open(TARGET, 'w')
         """, "blocked", "writing"),
     attempt("signal_handler", "import signal; signal.signal(signal.SIGALRM, print)", "blocked", "signal.signal"),
+    # --- issue 16: denied by what a thing is, not by its name ----------------------------------------------
+    # Standard-library extension modules loaded from their own files under other names (the check is on the file).
+    attempt("alias_posixsubprocess_setsid", """
+        import glob, importlib.util, os, sys
+        dynload = next(p for p in sys.path if p.endswith('lib-dynload'))
+        path = glob.glob(dynload + '/_posixsubprocess.*')[0]
+        fresh = importlib.util.module_from_spec(importlib.util.spec_from_file_location('x._posixsubprocess', path))
+        r, w = os.pipe()
+        args = [a.encode() for a in SLEEPER]
+        fresh.fork_exec(args, [args[0]], True, (w,), None, None, -1, -1, -1, -1, -1, -1, r, w, False, True, -1, None,
+                        None, None, -1, None, False)  # call_setsid=True: its own session
+        """, "blocked", "_posixsubprocess"),
+    attempt("alias_subinterpreter_os_system", """
+        import glob, importlib.util, sys
+        dynload = next(p for p in sys.path if p.endswith('lib-dynload'))
+        path = glob.glob(dynload + '/_xxsubinterpreters.*')[0]
+        interpreters = importlib.util.module_from_spec(importlib.util.spec_from_file_location('y._xxsubinterpreters',
+                                                                                              path))
+        interp = interpreters.create()
+        interpreters.run_string(interp, f"import os; os.system({SLEEPER[2]!r})")
+        """, "blocked", "_xxsubinterpreters"),
+    attempt("alias_ctypes_extension_loader", """
+        import glob, importlib.machinery, importlib.util, sys
+        dynload = next(p for p in sys.path if p.endswith('lib-dynload'))
+        loader = importlib.machinery.ExtensionFileLoader('z._ctypes', glob.glob(dynload + '/_ctypes.*')[0])
+        loader.create_module(importlib.util.spec_from_loader('z._ctypes', loader))
+        """, "blocked", "_ctypes"),
+    attempt("alias_imp_create_dynamic", """
+        import _imp, glob, importlib.machinery, sys
+        dynload = next(p for p in sys.path if p.endswith('lib-dynload'))
+        origin = glob.glob(dynload + '/_xxsubinterpreters.*')[0]
+        _imp.create_dynamic(importlib.machinery.ModuleSpec('a.b._xxsubinterpreters', None, origin=origin))
+        """, "blocked", "_xxsubinterpreters"),
+    attempt("alias_ssl_read_without_audit", """
+        import glob, importlib.util, sys
+        dynload = next(p for p in sys.path if p.endswith('lib-dynload'))
+        spec = importlib.util.spec_from_file_location('w._ssl', glob.glob(dynload + '/_ssl.*')[0])
+        _ssl = importlib.util.module_from_spec(spec)
+        print(_ssl._SSLContext(2).load_verify_locations(SECRET_FILE))
+        """, "blocked", "_ssl"),
+    attempt("plain_import_subinterpreters", "import _xxsubinterpreters as i; i.run_string(i.create(), 'print(1)')",
+            "error", "not available"),
+    attempt("testcapi_subinterpreter", "import _testcapi; _testcapi.run_in_subinterp('import os; os.system(\"id\")')",
+            "error", "not available"),
+    attempt("unix_pathname_socket_raw", """
+        import _socket
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.connect(UNIX_SOCKET)
+        """, "blocked", "network"),
+    attempt("setpgrp_escape_group", "import os; os.setpgrp()", "blocked", "setpgrp"),
+    attempt("posix_setsid", "import posix; posix.setsid()", "blocked", "setsid"),
+    # The audit hook's own state: a denial (or a malformed event) hands the program a frame of the hook.
+    attempt("audit_event_without_arguments", "import sys; sys.audit('os.listdir')", "blocked", "cannot be checked"),
+    attempt("audit_open_with_one_argument", "import sys; sys.audit('open', TARGET)", "blocked", "cannot be checked"),
+    attempt("hook_frames_tampered", """
+        import sys
+        def noop(*args, **kwargs):
+            return None
+        def tamper(tb):
+            touched = 0
+            while tb is not None:
+                frame = tb.tb_frame
+                if frame.f_code.co_filename != '<program>':
+                    frame.f_globals.clear()
+                    for value in list(frame.f_locals.values()):
+                        if isinstance(value, (set, dict, list, bytearray)):
+                            value.clear()
+                            touched += 1
+                        for cell in getattr(value, '__closure__', None) or ():
+                            cell.cell_contents = None
+                            touched += 1
+                        for attribute, new in (('__code__', noop.__code__), ('__defaults__', None)):
+                            try:
+                                setattr(value, attribute, new)
+                                touched += 1
+                            except Exception:
+                                pass
+                tb = tb.tb_next
+            return touched
+        for action in (lambda: sys.audit('os.listdir'), lambda: open(TARGET, 'w')):
+            try:
+                action()
+            except Exception as e:
+                print('touched', tamper(e.__traceback__))
+        open(TARGET, 'w')
+        print(open(SECRET_FILE).read())
+        """, "blocked"),
+    attempt("hook_function_defaults_replaced", """
+        try:
+            open(TARGET, 'w')
+        except PermissionError as e:
+            frame = e.__traceback__.tb_next.tb_frame  # the hook's
+            check = frame.f_locals['check']
+            check.__defaults__ = tuple(frozenset() if isinstance(d, frozenset) else d for d in check.__defaults__)
+        open(TARGET, 'w')
+        """, "blocked", "writing"),
+    # Memory the address-space limit does not count, and shared memory.
+    attempt("memfd_bomb", """
+        import os, mmap
+        fd = os.memfd_create('x')
+        os.ftruncate(fd, 600 * 2 ** 20)
+        mmap.mmap(fd, 600 * 2 ** 20).write(b'x' * 600 * 2 ** 20)
+        """, "blocked", "memfd_create"),
+    attempt("memfd_posix_copy", "import posix; posix.memfd_create('x')", "blocked", "memfd_create"),
+    attempt("mmap_600m_under_256m", "import mmap; mmap.mmap(-1, 600 * 2 ** 20).write(b'x' * 600 * 2 ** 20)",
+            "error", "Cannot allocate memory"),
+    attempt("dev_shm_tmpfile", "import os; os.open('/dev/shm', os.O_TMPFILE | os.O_RDWR, 0o600)", "blocked"),
+    # Reads that raise no audit event: refused by module (and by Landlock/bwrap beneath).
+    attempt("ssl_load_verify_locations", "import ssl; ssl.create_default_context().load_verify_locations(SECRET_FILE)",
+            "error", "not available"),
+    attempt("pwd_user_database", "import pwd; print(pwd.getpwall())", "error", "not available"),
+    attempt("grp_group_database", "import grp; print(grp.getgrall())", "error", "not available"),
+    attempt("tz_from_secret_file", "import os, time; os.environ['TZ'] = ':' + SECRET_FILE; time.tzset()", "blocked",
+            "putenv"),
+    # The report channel: flooded, forged or replaced before a caught violation.
+    attempt("report_pipe_flooded", """
+        import os, sys
+        fd = int(sys.argv[2])  # the sandbox's report pipe
+        os.write(fd, b'x' * 200_000)  # one huge line
+        for _ in range(2000):
+            os.write(fd, b'violation? no\\n' * 10)
+        try:
+            open(TARGET, 'w')
+        except PermissionError:
+            pass
+        os.write(fd, b'{"outcome": "ok", "error": null}\\n' * 1000)
+        """, "blocked", "writing"),
+    attempt("report_pipe_replaced_by_dev_null", """
+        import os, sys
+        os.dup2(os.open('/dev/null', os.O_WRONLY), int(sys.argv[2]))
+        try:
+            open(TARGET, 'w')
+        except PermissionError:
+            pass
+        """, "blocked", "report pipe"),
+    attempt("stdout_flooded_before_violation", """
+        import sys
+        sys.stdout.write('y' * 20_000_000)
+        try:
+            open(TARGET, 'w')
+        except PermissionError:
+            pass
+        """, "blocked", "writing"),
 ]
 ATTEMPT_IDS = [a.id for a in ATTEMPTS]
 assert len(set(ATTEMPT_IDS)) == len(ATTEMPT_IDS)
-# Run under bubblewrap as well: one or two of each kind.
-BWRAP_IDS = ["open_write", "dir_fd_inside_climb", "read_secret", "parent_environ", "tcp_connect", "unix_connect",
-             "subprocess_run", "ctypes_types_via_subclasses", "kill_parent", "memory_bomb", "infinite_loop",
-             "huge_stdout", "fresh_posix_create_builtin", "frame_walk_globals"]  # fmt: skip
-
-
-# --- the host side ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Host:
-    outside: Path  # a directory outside the sandbox, holding the secret, the victim and a planted module
-    secret_file: Path
-    secret: str
-    victim: Path
-    tcp: socket.socket
-    udp: socket.socket
-    unix: socket.socket
-    unix_path: str
-    parent_environ: list[str]  # this process's environment entries, as /proc/<pid>/environ shows them
-
-    def prelude(self, marker: str) -> str:
-        names = {"OUTSIDE": str(self.outside), "SECRET_FILE": str(self.secret_file), "VICTIM": str(self.victim),
-                 "MARKER": marker, "TARGET": f"{self.outside}/{marker}", "TCP_PORT": self.tcp.getsockname()[1],
-                 "UDP_PORT": self.udp.getsockname()[1], "UNIX_SOCKET": self.unix_path,
-                 # A command that leaves a trace outside and lingers: what a started process would do.
-                 "SLEEPER": ["/bin/sh", "-c", f"touch {self.outside}/{marker}; sleep 30; : {marker}"]}  # fmt: skip
-        return "".join(f"{name} = {value!r}\n" for name, value in names.items())
-
-    def state(self) -> dict:
-        """What no attempt may change."""
-        return {
-            "outside": sorted(os.listdir(self.outside)),
-            "victim": (self.victim.read_bytes(), self.victim.stat().st_mtime_ns, self.victim.stat().st_mode),
-            "priority": os.getpriority(os.PRIO_PROCESS, 0),
-            "affinity": os.sched_getaffinity(0),
-            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-        }
+# The Python layer on its own (no kernel layer): every attempt but the resource limits, which it does not decide.
+PYTHON_ONLY = [a for a in ATTEMPTS if a.expect not in ("timeout", "memory")]
+# The child's own kernel layers without bubblewrap: one or two of each kind (the default mode runs all of them).
+PROCESS_IDS = ["open_write", "dir_fd_inside_climb", "read_secret", "parent_environ", "tcp_connect", "unix_connect",
+               "subprocess_run", "ctypes_types_via_subclasses", "kill_parent", "memory_bomb", "infinite_loop",
+               "huge_stdout", "fresh_posix_create_builtin", "frame_walk_globals", "alias_posixsubprocess_setsid",
+               "alias_subinterpreter_os_system", "hook_frames_tampered", "memfd_bomb", "alias_ssl_read_without_audit",
+               "report_pipe_flooded", "sandbox_module_globals", "read_secret_linecache", "import_planted_module"]
+PROCESS = [a for a in ATTEMPTS if a.id in PROCESS_IDS]
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    outside = tmp_path_factory.mktemp("host")
-    secret = f"canary-{uuid.uuid4()}"
-    (outside / "secret.txt").write_text(secret)
-    (outside / "victim.txt").write_text("precious")
-    (outside / "planted.py").write_text(f"print({secret!r})\n")
-    tcp = socket.create_server(("127.0.0.1", 0))
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", 0))
-    unix_path = str(outside / "host.sock")
-    unix = socket.socket(socket.AF_UNIX)
-    unix.bind(unix_path)
-    unix.listen(1)
-    for s in (tcp, udp, unix):
-        s.setblocking(False)
-    environ = Path("/proc/self/environ").read_bytes().decode(errors="replace").split("\0")
-    yield Host(outside, outside / "secret.txt", secret, outside / "victim.txt", tcp, udp, unix, unix_path,
-               [e for e in environ if len(e) > 12])  # fmt: skip
-    for s in (tcp, udp, unix):
-        s.close()
+    host = make_host(tmp_path_factory.mktemp("host"))
+    yield host
+    host.close()
 
 
-def received_anything(host: Host) -> list[str]:
-    got = []
-    for name, receive in (("tcp", host.tcp.accept), ("unix", host.unix.accept), ("udp", lambda: host.udp.recv(64))):
-        try:
-            receive()
-            got.append(name)
-        except BlockingIOError:
-            pass
-    return got
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                pass  # exited while we looked
-    return found
-
-
-def files_named(marker: str) -> list[str]:
-    found = []
-    for folder in ("/tmp", "/dev/shm", "/var/tmp"):
-        try:
-            found += [f"{folder}/{name}" for name in os.listdir(folder) if marker in name]
-        except OSError:
-            pass
-    return found
-
-
-def run_from_helper(code: str, timeout: float, extra_env: dict[str, str]) -> ExecutionResult:
-    """execute_code called by a separate parent process, whose initial environment holds `extra_env`."""
-    call = ("import json, sys; from nanochat.execution import execute_code; "
-            "print(json.dumps(execute_code(sys.stdin.read(), timeout=float(sys.argv[1])).__dict__))")  # fmt: skip
-    env = {**os.environ, **extra_env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", call, str(timeout)], input=code, capture_output=True, text=True,
-                          env=env, timeout=timeout + 30, check=True)  # fmt: skip
-    return ExecutionResult(**json.loads(done.stdout))
-
-
-def run_attempt(host: Host, attempt: Attempt, isolation: str | None = None) -> None:
-    marker = f"escape-{uuid.uuid4().hex[:12]}"
-    code = host.prelude(marker) + attempt.code
-    env_secret = f"canary-env-{uuid.uuid4()}"
-    before = host.state()
-    start = time.monotonic()
-    if attempt.helper_parent:
-        result = run_from_helper(code, TIMEOUT, {"AWS_SECRET_ACCESS_KEY": env_secret})
-    else:
-        result = execute_code(code, timeout=TIMEOUT, isolation=isolation)
-    elapsed = time.monotonic() - start
-    time.sleep(0.05)  # anything that did escape gets a moment to show itself
-
-    # Nothing reached the host.
-    output = f"{result.stdout}\n{result.stderr}\n{result.error}"
-    assert host.secret not in output and env_secret not in output, "a secret leaked into the output"
-    assert not [e for e in host.parent_environ if e in output], "the parent's environment leaked into the output"
-    assert received_anything(host) == [], "a host listener was reached"
-    assert processes_with(marker) == [], "a process started by the program survived"
-    assert files_named(marker) == [], "a file was created outside the sandbox"
-    assert host.state() == before, "the host changed"
-
-    # A clear result within the limit.
-    assert elapsed < TIMEOUT + SLACK + (5.0 if attempt.helper_parent else 0.0), f"took {elapsed:.1f} s"
-    assert result.error or attempt.expect == "ok", result
-    if attempt.expect == "blocked":
-        assert not result.success and result.error.startswith("sandbox:"), (result.error, result.stderr[-2000:])
-    elif attempt.expect == "timeout":
-        assert result.timeout and "timed out" in result.error and not result.success, result
-    elif attempt.expect == "memory":
-        assert result.memory_exceeded and not result.success, result
-    elif attempt.expect == "error":
-        assert not result.success and not result.error.startswith("sandbox:"), result
-    else:
-        assert attempt.expect == "ok" and result.success, result
-    for word in attempt.words:
-        assert word in result.error, (word, result.error)
+# Under bubblewrap the host's files are not refused but absent: these find nothing (no file, no module) instead.
+HIDDEN_BY_BWRAP = {"chdir_then_write", "read_secret_linecache", "import_planted_module"}
+BWRAP_IS_DEFAULT = _bwrap_problem() is None and not os.environ.get("NANOCHAT_SANDBOX")
 
 
 @pytest.mark.parametrize("attempt", ATTEMPTS, ids=ATTEMPT_IDS)
 def test_escape_attempt(host, attempt):
-    run_attempt(host, attempt)
+    run_attempt(host, attempt, "default", hidden=BWRAP_IS_DEFAULT and attempt.id in HIDDEN_BY_BWRAP)
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="no bwrap: run scripts/system-deps.sh")
-@pytest.mark.parametrize("attempt", [a for a in ATTEMPTS if a.id in BWRAP_IDS], ids=BWRAP_IDS)
-def test_escape_attempt_under_bwrap(host, attempt):
-    run_attempt(host, attempt, isolation="bwrap")
+@pytest.mark.parametrize("attempt", PYTHON_ONLY, ids=[a.id for a in PYTHON_ONLY])
+def test_escape_attempt_python_layer_only(host, attempt):
+    run_attempt(host, attempt, "python-only")
+
+
+@pytest.mark.parametrize("attempt", PROCESS, ids=[a.id for a in PROCESS])
+def test_escape_attempt_kernel_layers_without_bwrap(host, attempt):
+    run_attempt(host, attempt, "process")
 
 
 def test_there_are_at_least_fifty_distinct_attempts():
@@ -572,57 +581,90 @@ def test_bwrap_hides_the_host_filesystem(host):
 
 KERNEL_PROBE = """
 import json, os, socket, stat, sys
-from nanochat.execution import _isolate_kernel
+from nanochat.sandbox_child import _isolate_kernel
 
+action, secret, target, port, unix_path = sys.argv[1:]
 layers = _isolate_kernel(0, os.path.realpath(os.getcwd()))
-def attempt(action):
-    try:
-        action()
-        return "allowed"
-    except OSError as e:
-        return "denied"
-results = {
-    "read_secret": attempt(lambda: open(sys.argv[1]).read()),
-    "write_outside": attempt(lambda: open(sys.argv[2], "w")),
-    "write_inside": attempt(lambda: open("inside.txt", "w").write("x")),
-    "read_stdlib": attempt(lambda: open(os.__file__).read(1)),
-    "tcp_connect": attempt(lambda: socket.create_connection(("127.0.0.1", int(sys.argv[3])), timeout=1)),
-    "mknod": attempt(lambda: os.mknod("disk", stat.S_IFBLK | 0o600, os.makedev(8, 0))),
+print(json.dumps(layers), flush=True)
+actions = {
+    "read_secret": lambda: open(secret).read(),
+    "write_outside": lambda: open(target, "w"),
+    "write_inside": lambda: open("inside.txt", "w").write("x"),
+    "read_stdlib": lambda: open(os.__file__).read(1),
+    "tcp_connect": lambda: socket.create_connection(("127.0.0.1", int(port)), timeout=1),
+    "unix_connect": lambda: socket.socket(socket.AF_UNIX).connect(unix_path),
+    "mknod": lambda: os.mknod("disk", stat.S_IFBLK | 0o600, os.makedev(8, 0)),
+    "fork": lambda: os.fork() or os._exit(0),
+    "setsid": os.setsid,
+    "memfd_create": lambda: os.memfd_create("x"),
+    "signal_parent": lambda: os.kill(os.getppid(), 0),
+    "prlimit_parent": lambda: __import__("resource").prlimit(os.getppid(), 7, (3, 3)),
 }
-print(json.dumps({"layers": layers, "results": results}))
+try:
+    actions[action]()
+    print("allowed")
+except OSError:
+    print("denied")
 """
+ALWAYS_ALLOWED = {"write_inside", "read_stdlib"}
+DENIED_BY_LANDLOCK = {"read_secret", "write_outside"}
+KILLED_BY_SECCOMP = {"tcp_connect", "unix_connect", "fork", "setsid", "memfd_create", "signal_parent",
+                     "prlimit_parent"}  # fmt: skip
+KERNEL_ACTIONS = sorted(ALWAYS_ALLOWED | DENIED_BY_LANDLOCK | KILLED_BY_SECCOMP | {"mknod"})
 
 
-def test_kernel_layers_hold_without_the_audit_hook(host, tmp_path):
+@pytest.mark.parametrize("action", KERNEL_ACTIONS)
+def test_kernel_layers_hold_without_the_audit_hook(host, tmp_path, action):
     """The kernel layers of stage 1 stop what they cover even with no Python-level check at all (as after an
-    interpreter exploit). Which layers exist depends on the kernel and on privileges, so each is checked where it
-    took effect; as root (CI), capabilities are always dropped."""
+    interpreter exploit): Landlock refuses files, seccomp kills the process at a forbidden system call (new
+    processes and sessions, any socket, memfd_create, signals or limits aimed at another process). Which layers
+    exist depends on the kernel and on privileges, so each is checked where it took effect; as root (CI),
+    capabilities are always dropped."""
     target = host.outside / f"kernel-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     (tmp_path / "program.py").write_text("")  # what stage 1 finds in a real temp dir
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.setblocking(False)
-        done = subprocess.run([sys.executable, "-c", KERNEL_PROBE, str(host.secret_file), str(target),
-                               str(listener.getsockname()[1])], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=60, check=True)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", KERNEL_PROBE, action, str(host.secret_file), str(target),
+                               str(listener.getsockname()[1]), host.unix_path], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
         try:
             listener.accept()
             reached = True
         except BlockingIOError:
             reached = False
-    probe = json.loads(done.stdout)
-    layers, results = probe["layers"], probe["results"]
+    layers, *outcome = done.stdout.split("\n")[:2]
+    layers, outcome = json.loads(layers), (outcome[0] if done.returncode == 0 else f"signal {-done.returncode}")
     created = target.exists()
     if created:
         target.unlink()
-    assert results["write_inside"] == "allowed" and results["read_stdlib"] == "allowed", probe
-    if "landlock" in layers:
-        assert results["read_secret"] == results["write_outside"] == "denied" and not created, probe
-        assert results["mknod"] == "denied", probe
-    if "netns" in layers or "landlock" in layers:
-        assert results["tcp_connect"] == "denied" and not reached, probe
+    assert not reached and received_nothing_on_unix(host), (layers, outcome)
+    if action in ALWAYS_ALLOWED:
+        assert outcome == "allowed", (layers, outcome, done.stderr)
+    if action in DENIED_BY_LANDLOCK and "landlock" in layers:
+        assert outcome == "denied" and not created, (layers, outcome)
+    if action in KILLED_BY_SECCOMP and "seccomp" in layers:
+        assert done.returncode == -signal.SIGSYS, (layers, outcome, done.stderr[-500:])
+    if action == "mknod" and ("landlock" in layers or os.geteuid() == 0):
+        assert outcome == "denied", (layers, outcome)
     if os.geteuid() == 0:
-        assert "no-capabilities" in layers and results["mknod"] == "denied", probe
+        assert "no-capabilities" in layers, layers
+    if sys.platform.startswith("linux") and Path("/usr/lib").exists() and has_libseccomp():
+        assert "seccomp" in layers, layers  # libseccomp is there: the filter must load
+
+
+def received_nothing_on_unix(host) -> bool:
+    try:
+        host.unix.accept()
+        return False
+    except BlockingIOError:
+        return True
+
+
+def has_libseccomp() -> bool:
+    import ctypes.util
+
+    return ctypes.util.find_library("seccomp") is not None
 
 
 @pytest.mark.parametrize("isolation", ["process", "bwrap"])
