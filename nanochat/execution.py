@@ -69,14 +69,17 @@ def execute_code(
     `isolation`: "bwrap" or "process" (see the module docstring); None reads NANOCHAT_SANDBOX, and without it
     takes bwrap where it works here. Asking for bwrap where it does not work is an error, never a downgrade.
     """
-    import shutil
-    import tempfile
-
     timeout, memory_bytes = _check_limits(timeout, maximum_memory_bytes)
     isolation = _choose_isolation(isolation)
     python_only = bool(os.environ.get(_PYTHON_ONLY_SWITCH)) and "PYTEST_CURRENT_TEST" in os.environ
-    if python_only:
-        isolation = "process"
+    return _execute(code, timeout, memory_bytes, "process" if python_only else isolation, python_only)
+
+
+def _execute(code: str, timeout: float, memory_bytes: int, isolation: str, python_only: bool) -> ExecutionResult:
+    """execute_code after its checks; `python_only` (tests and nanochat.sandbox_bench) skips the kernel layers."""
+    import shutil
+    import tempfile
+
     sandbox_dir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-sandbox-"))
     try:
         program_path = os.path.join(sandbox_dir, child.PROGRAM_FILE)
