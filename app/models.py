@@ -56,6 +56,7 @@ class Candidate:
     date: datetime | None = None  # when it was promoted (or created)
     scores: dict[str, float] = field(default_factory=dict)  # e.g. {"CORE": 0.21, "ChatCORE[5/6]": 0.3}
     promoted: bool = False  # named by promoted/latest.json right now
+    origin: str | None = None  # an imported checkpoint's source (hf:OWNER/REPO, s3://..., a path)
 
     def label(self) -> str:
         where = " ".join(x for x in (self.profile, self.model_tag) if x) or self.source
@@ -66,6 +67,8 @@ class Candidate:
         parts += [f"{name} {value:.4f}" for name, value in self.scores.items()]
         if self.source == "command line":
             parts.append(str(self.checkpoint_dir))
+        if self.origin:
+            parts.append(f"from {self.origin}")
         return " · ".join(parts)
 
 
@@ -112,7 +115,7 @@ def from_pointer(store: ArtifactStore, pointer: dict, source: str) -> Candidate:
         id=ck["key"], stage=ck.get("stage", "sft"), step=ck.get("step"), source=source, checkpoint_key=ck["key"],
         tokenizer_key=pointer["tokenizer"]["key"], uri=ck.get("uri") or store.uri(ck["key"]), sha256=ck.get("sha256"),
         profile=pointer.get("profile"), model_tag=ck.get("model_tag"), date=_parse_stamp(pointer.get("promoted_at")),
-        scores=_pointer_scores(pointer.get("scores") or {}),
+        scores=_pointer_scores(pointer.get("scores") or {}), origin=pointer.get("source"),
     )
 
 
@@ -219,8 +222,17 @@ def _published(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
             out.append(Candidate(id=prefix, stage=stage, step=_manifest_step(store, key), source="store",
                                  checkpoint_key=prefix,
                                  uri=store.uri(prefix), profile=parts[1] if len(parts) > 1 else None,
-                                 model_tag=parts[2] if len(parts) > 2 else None))
+                                 model_tag=parts[2] if len(parts) > 2 else None,
+                                 origin=_import_origin(store, prefix) if parts[1:2] == ["imported"] else None))
     return out
+
+
+def _import_origin(store: ArtifactStore, prefix: str) -> str | None:
+    """Where an imported checkpoint came from (its import.json, written by orchestration/importer.py)."""
+    try:
+        return store.read_json(f"{prefix}/import.json").get("source")
+    except Exception:
+        return None
 
 
 def _manifest_step(store: ArtifactStore, manifest_key: str) -> int | None:

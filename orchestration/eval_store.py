@@ -103,6 +103,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, stage, checkpoint_id, task, metric)
     );
     """,
+    # Imported checkpoints (orchestration/importer.py): where the weights came from and at which revision.
+    """
+    ALTER TABLE runs ADD COLUMN source VARCHAR;
+    ALTER TABLE runs ADD COLUMN revision VARCHAR;
+    """,
 ]
 
 
@@ -289,10 +294,14 @@ def record_run(
     config: Mapping[str, Any] | None = None,
     dagster_run_id: str | None = None,
     started_at: datetime | None = None,
+    source: str | None = None,
+    revision: str | None = None,
 ) -> None:
+    """source/revision: for an imported checkpoint, where it came from (hf:OWNER/REPO, a path, s3://...) and
+    the commit it was read at; None for a run trained here."""
     migrate(conn)
     with _transaction(conn):
-        _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at)
+        _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at, source, revision)
 
 
 def record_checkpoint(
@@ -335,9 +344,11 @@ def record_eval_results(
     return len(rows)
 
 
-def _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at) -> None:
-    row = [run_id, _utc(started_at), profile, depth, git_sha, _json(config), dagster_run_id]
-    conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+def _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at, source=None,
+               revision=None) -> None:
+    row = [run_id, _utc(started_at), profile, depth, git_sha, _json(config), dagster_run_id, source, revision]
+    conn.execute("INSERT OR REPLACE INTO runs (run_id, started_at, profile, depth, git_sha, config, dagster_run_id, "
+                 "source, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
 
 def _write_checkpoint(conn, checkpoint_id, run_id, stage, step, uri, tokens_seen, created_at) -> None:

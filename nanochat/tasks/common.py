@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nanochat.common import get_shared_data_dir
 
 logger = logging.getLogger("nanochat")
@@ -303,8 +305,9 @@ def load_rows(
 
 
 def shuffled_order(n: int, seed: int = 42) -> list[int]:
-    """A fixed permutation of range(n). Source files are often sorted (MMLU by subject, ARC by source), and
-    callers take prefixes such as `stop=5200`; the original shuffles each dataset with seed 42 for this."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
+    """A fixed permutation of range(n): row `order[i]` is the i-th example. Source files are often sorted (MMLU
+    by subject, ARC by source), and evals take prefixes (`--max-per-task`). The original shuffles each dataset
+    with Hugging Face `datasets`' `Dataset.shuffle(seed=42)`, which is `np.random.default_rng(seed).permutation
+    (len(ds))` followed by `select`; drawing the same permutation means a K-example subset holds the same rows
+    as the original's, so subset scores are comparable with the numbers it published."""
+    return np.random.default_rng(seed).permutation(n).tolist()

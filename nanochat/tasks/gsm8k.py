@@ -19,11 +19,12 @@ ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 
 
 def extract_answer(text: str) -> str | None:
-    """The final number after "####" (commas removed), or None. The last match counts: a model may restate."""
-    matches = ANSWER_RE.findall(text)
-    if not matches:
+    """The number after the FIRST "####" (commas removed), or None. The original takes the first match, and a
+    model that runs on after its answer ("#### 18 ... #### 20") is scored on what it committed to first."""
+    match = ANSWER_RE.search(text)
+    if match is None:
         return None
-    return matches[-1].replace(",", "").rstrip(".") or None
+    return match.group(1).replace(",", "").rstrip(".") or None
 
 
 def answer_to_parts(answer: str) -> list[dict[str, str]]:

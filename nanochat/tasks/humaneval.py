@@ -13,7 +13,7 @@ import os
 import re
 
 from nanochat.execution import execute_code
-from nanochat.tasks.common import Conversation, Task, load_rows
+from nanochat.tasks.common import Conversation, Task, load_rows, shuffled_order
 
 CODE_BLOCK_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -30,19 +30,20 @@ class HumanEval(Task):
     def __init__(self, data_dir: str | os.PathLike | None = None, timeout: float = 5.0, **slice_kwargs: int | None):
         super().__init__(**slice_kwargs)
         self.timeout = timeout
-        # Kept in file order (HumanEval/0..163): there is no train split to confuse, and ids stay readable.
         self.rows = load_rows(
             what="HumanEval",
             hub=("openai/openai_humaneval", None, "test"),
             local=["humaneval/HumanEval"],
             data_dir=data_dir,
         )
+        # Shuffled like the original (seed 42), so `--max-per-task K` evaluates the same K problems it does.
+        self.order = shuffled_order(len(self.rows))
 
     def num_examples(self) -> int:
         return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
-        row = self.rows[index]
+        row = self.rows[self.order[index]]
         return {
             "messages": [
                 {"role": "user", "content": row["prompt"]},

@@ -1,0 +1,43 @@
+"""
+Promote an imported checkpoint: the same regression gate as a trained model (orchestration/defs/checks.py),
+then the same promotion pointer (orchestration/promotion.py) the app follows.
+
+The gate compares with the promoted import of the same size (profile "imported"). A regression is only a
+warning here: an import is another lineage, not a retrain, and the user asked for this model by name. What
+does block is upstream of this module: an import that failed verification never reaches the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestration.artifact_store import ArtifactStore
+from orchestration.importer import PROFILE
+from orchestration.promotion import profile_key, read_pointer, write_pointer
+from orchestration.workspace import git_sha
+
+
+def promote(store: ArtifactStore, result: dict, phase: str, tag: str, depth: int,
+            log: Callable[[str], None]) -> dict:
+    from orchestration.defs.checks import regression_result
+
+    what = "core" if phase == "base" else "chatcore"
+    scores = result.get("scores") or {}
+    promoted = read_pointer(store, profile_key(PROFILE, tag))
+    check = regression_result(scores.get(what), scores.get(f"{what}_label"), promoted, 0.0, what)
+    reason = check.metadata.get("reason")
+    gate = {"passed": bool(check.passed), "reason": reason.value if reason is not None else None}
+    if not check.passed:
+        log(f"warning: promotion gate: {gate['reason'] or f'{what} is below the promoted import'} (an import is a "
+            "different lineage: promoting anyway)")
+    pointer = {
+        "profile": PROFILE, "depth": depth,
+        "checkpoint": {"key": result["checkpoint_key"], "uri": result["checkpoint_uri"], "sha256": result["sha256"],
+                       "stage": phase, "step": result["step"], "model_tag": tag},
+        "tokenizer": {"key": result["tokenizer_key"], "uri": store.uri(result["tokenizer_key"]),
+                      "sha256": result["tokenizer_sha256"]},
+        "scores": scores, "source": result["source"], "revision": result["revision"], "git_sha": git_sha(),
+    }
+    uris = write_pointer(store, pointer)
+    log(f"promoted: {uris['latest']}")
+    return {"gate": gate, **uris}
