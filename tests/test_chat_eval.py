@@ -19,7 +19,8 @@ from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tasks import GSM8K, MMLU, HumanEval
 
-RESULT_KEYS = {"source", "model_tag", "step", "chatcore", "chatcore_label", "chatcore_tasks_covered",
+RESULT_KEYS = {"source", "model_tag", "step", "chatcore", "chatcore_label", "chatcore_nosb", "chatcore_nosb_label",
+               "chatcore_tasks_covered",
                "chatcore_tasks_total", "chat_tasks", "chat_missing", "examples_per_sec", "samples", "eval_time_s"}
 
 
@@ -166,6 +167,12 @@ def test_chatcore_by_hand():
     out = chatcore(full, list(CHAT_TASKS))
     assert out["chatcore"] == pytest.approx((0.0 + 1.0 - 1 / 3 + 0.5 + 0.2 + 0.9) / 6)
     assert out["chatcore_label"] == "ChatCORE"
+    # Without SpellingBee (ours is synthetic): the mean of the five real tasks, labelled as such.
+    assert out["chatcore_nosb"] == pytest.approx((0.0 + 1.0 - 1 / 3 + 0.5 + 0.2) / 5)
+    assert out["chatcore_nosb_label"] == "ChatCORE-noSB"
+    partial = chatcore({"GSM8K": 0.5, "SpellingBee": 0.9}, list(CHAT_TASKS))
+    assert partial["chatcore_nosb"] == pytest.approx(0.5) and partial["chatcore_nosb_label"] == "ChatCORE-noSB[1/5]"
+    assert chatcore({"SpellingBee": 0.9}, list(CHAT_TASKS))["chatcore_nosb"] is None
     # Only the requested tasks count, and a restricted request is labelled as partial.
     out = chatcore(full, ["GSM8K"])
     assert out["chatcore"] == pytest.approx(0.5) and out["chatcore_label"] == "ChatCORE[1/6]"

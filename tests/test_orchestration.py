@@ -31,7 +31,7 @@ def test_definitions_load_with_every_stage():
     definitions = defs()
     keys = {k.to_user_string() for k in definitions.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"raw_shards", "tokenizer", "base_checkpoint", "base_eval", "mid_checkpoint", "sft_checkpoint",
-                    "chat_eval", "promoted_model", "report"}
+                    "chat_eval", "promoted_model", "report", "imported_checkpoint"}
     assert {"artifacts", "workspace", "profile", "launcher", "duckdb"} <= set(definitions.resources)
     graph = definitions.resolve_asset_graph()
     check_keys = {f"{k.asset_key.to_user_string()}:{k.name}" for k in graph.asset_check_keys}

@@ -10,6 +10,7 @@ import sys
 import types
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from nanochat.engine import use_calculator
@@ -34,6 +35,8 @@ from nanochat.tasks import (
     sft_val,
     validate_conversation,
 )
+from nanochat.tasks.common import shuffled_order
+from nanochat.tasks.gsm8k import extract_answer
 from nanochat.tasks.spellingbee import load_words
 
 
@@ -145,6 +148,33 @@ def test_gsm8k_evaluate(shared_data):
     conversation = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "#### 1,450,000"}]}
     assert task.evaluate(conversation, "so #### 1450000") and task.evaluate(conversation, "#### 1,450,000")
     assert not task.evaluate(conversation, "#### 145000")
+
+
+def test_gsm8k_takes_the_first_answer_as_the_original_does():
+    assert extract_answer("#### 18\nActually, let me redo that. #### 20") == "18"
+    assert extract_answer("The answer is 1,450,000.\n#### 1,450,000.") == "1450000"
+    assert extract_answer("no answer here") is None
+    conversation = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "#### 18"}]}
+    task = GSM8K.__new__(GSM8K)
+    assert task.evaluate(conversation, "#### 18 #### 20") and not task.evaluate(conversation, "#### 20 #### 18")
+
+
+# numpy's default_rng(42).permutation(n), as Hugging Face `datasets`' Dataset.shuffle(seed=42) draws it; pinned so
+# a change of generator cannot slip through as a silently different subset.
+ORIGINAL_ORDER_10 = [5, 6, 0, 7, 3, 2, 4, 9, 1, 8]
+ORIGINAL_ORDER_164 = [52, 134, 51, 66, 147]
+
+
+def test_subsets_are_drawn_in_the_originals_order(shared_data):
+    assert shuffled_order(10) == ORIGINAL_ORDER_10
+    assert shuffled_order(164)[:5] == ORIGINAL_ORDER_164
+    for task in (ARC("ARC-Easy", "test", data_dir=shared_data), MMLU("all", "test", data_dir=shared_data),
+                 GSM8K("test", data_dir=shared_data)):
+        expected = np.random.default_rng(42).permutation(len(task.rows))[:20].tolist()
+        assert task.order[:20] == expected, type(task).__name__
+    arc = ARC("ARC-Easy", "test", data_dir=shared_data)  # the first example is the permutation's first row
+    first = arc.rows[np.random.default_rng(42).permutation(len(arc.rows))[0]]["question"]
+    assert arc[0]["messages"][0]["content"].startswith(f"Multiple Choice question: {first}\n")
 
 
 # -----------------------------------------------------------------------------
@@ -379,9 +409,9 @@ def test_humaneval_canonical_passes_and_wrong_fails(shared_data):
     assert len(task) == 164 and task.eval_type == "generative"
     for i in range(5):
         conversation = task[i]
-        assert conversation["task_id"] == f"HumanEval/{i}"
+        assert conversation["task_id"] == f"HumanEval/{ORIGINAL_ORDER_164[i]}"  # the original's shuffled order
         assert task.evaluate(conversation, conversation["messages"][1]["content"])
-    conversation = task[0]
+    conversation = next(task[i] for i in range(len(task)) if task[i]["task_id"] == "HumanEval/0")
     solution = conversation["messages"][1]["content"]
     body = solution.removeprefix(conversation["messages"][0]["content"])
     assert task.evaluate(conversation, f"Here you go:\n```python\n{solution}```\nDone.")  # fenced full function
