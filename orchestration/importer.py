@@ -33,7 +33,7 @@ import torch
 
 from nanochat.checkpoint_manager import PHASE_DIRS, meta_path, model_path
 from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME
-from orchestration import eval_store
+from orchestration import eval_store, home
 from orchestration.artifact_store import ArtifactStore, artifact_store_from_url
 from orchestration.hub import Source, SourceError, parse_source, read_card_metadata
 from orchestration.import_layout import IMPORT_PHASES, Layout, LayoutError, find_layout, phase_from_meta
@@ -204,10 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply budget of the generative chat tasks")
     p.add_argument("--promote", action="store_true", help="make it the model the chat app serves")
     p.add_argument("--device", default="", help="evaluation device: cpu, cuda, mps (default: autodetect)")
-    p.add_argument("--artifacts", default=os.environ.get("NANOCHAT_ARTIFACTS", ".nanochat-dagster/artifacts"),
-                   help="artifact store: a directory or s3://bucket/prefix (default $NANOCHAT_ARTIFACTS)")
+    p.add_argument("--artifacts", default=None, help="artifact store: a directory or s3://bucket/prefix (default "
+                                                     "$NANOCHAT_ARTIFACTS, else $NANOCHAT_HOME/artifacts)")
     p.add_argument("--duckdb", default=None, help="eval history (default $NANOCHAT_DUCKDB, else "
-                                                  "<$NANOCHAT_BASE_DIR or ~/.cache/nanochat>/evals.duckdb)")
+                                                  "$NANOCHAT_HOME/evals.duckdb)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     args = p.parse_args(argv)
     if args.step is not None and args.step < 0:
@@ -221,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     req = ImportRequest(args.source, args.phase, args.step, args.name, args.evaluate, args.max_per_task,
                         args.max_new_tokens, args.promote, args.device)
-    db_path = Path(args.duckdb) if args.duckdb else eval_store.default_db_path()
-    workspace = Path(os.environ.get("NANOCHAT_WORKSPACE", ".nanochat-dagster/work"))
+    db_path = Path(args.duckdb) if args.duckdb else home.duckdb_path()
+    workspace = home.workspace_dir()
     workspace.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="import-", dir=workspace) as work:
         try:
-            result = import_checkpoint(req, artifact_store_from_url(args.artifacts), db_path, Path(work))
+            store = artifact_store_from_url(args.artifacts or home.artifacts_url())
+            result = import_checkpoint(req, store, db_path, Path(work))
         except ImportErrors as e:
             print(f"nanochat-import: error: {e}", file=sys.stderr)
             return 2

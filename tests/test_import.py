@@ -203,16 +203,16 @@ def test_hub_offline_cache_records_the_commit(target, offline, sources, small_to
 
 def test_dagster_asset_partitioned_by_import_name(sources, tmp_path):
     import dagster as dg
-    from dagster_duckdb import DuckDBResource
 
     from orchestration.defs.imports import imported_checkpoint
+    from orchestration.defs.resources import EvalHistory
     from orchestration.workspace import Workspace
 
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("imports", ["tiny-flat"])
     store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
     resources = {"artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
-                 "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     config = {"ops": {"imported_checkpoint": {"config": {"source": str(sources["flat"]), "step": 5}}}}
     result = dg.materialize([imported_checkpoint], resources=resources, instance=instance, partition_key="tiny-flat",
                             run_config=config)

@@ -10,10 +10,9 @@ partition in the UI ("Add partition", e.g. `nanochat-d32`) or with `instance.add
 """
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from orchestration.artifact_store import ArtifactStore
+from orchestration.defs.resources import ArtifactStore, EvalHistory
 from orchestration.importer import ImportErrors, ImportRequest, import_checkpoint
 from orchestration.workspace import Workspace, git_sha, retry_on_store_faults
 
@@ -32,7 +31,7 @@ class ImportConfig(dg.Config):
 @dg.asset(group_name="imports", code_version="1", partitions_def=imports_partitions, pool="gpu",
           kinds={"pytorch", "huggingface", "duckdb"})
 def imported_checkpoint(context: dg.AssetExecutionContext, config: ImportConfig, workspace: Workspace,
-                        artifacts: ArtifactStore, duckdb: DuckDBResource) -> dg.MaterializeResult:
+                        artifacts: ArtifactStore, duckdb: EvalHistory) -> dg.MaterializeResult:
     """Import a published checkpoint under the partition's name (see the module docstring)."""
     req = ImportRequest(config.source, config.phase or None, None if config.step < 0 else config.step,
                         context.partition_key, config.evaluate, config.max_per_task, promote=config.promote)
