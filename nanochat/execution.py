@@ -255,6 +255,8 @@ class _Report:
         self._line += rest[: max(0, _MAX_REPORT_LINE - len(self._line))]
 
     def _take(self, line: str) -> None:
+        if not line:
+            return  # the child starts its own lines with a newline, to end any half line the program left
         if line.startswith(child.STARTED) and self.layers is None:
             self.layers = line[len(child.STARTED) :]
         elif line.startswith(child.VIOLATION) and self.violation is None:

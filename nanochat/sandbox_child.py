@@ -431,6 +431,7 @@ def _run_main(argv: list[str]) -> None:
 
     report_fd, memory_bytes, timeout = int(argv[0]), int(argv[1]), float(argv[2])
     exit_now = os._exit  # kept before the guard replaces it
+    report_pipe = (os.fstat(report_fd).st_dev, os.fstat(report_fd).st_ino)
     with open(PROGRAM_FILE, encoding="utf-8", errors="surrogatepass") as f:
         source = f.read()
     os.remove(PROGRAM_FILE)
@@ -451,7 +452,10 @@ def _run_main(argv: list[str]) -> None:
             stream.flush()
         except Exception:  # the program may have closed or replaced it
             pass
-    os.write(report_fd, json.dumps({"outcome": outcome, "error": error}).encode() + b"\n")
+    # The verdict goes last, on a line of its own, and only into the pipe the sandbox was given.
+    if (os.fstat(report_fd).st_dev, os.fstat(report_fd).st_ino) != report_pipe:
+        exit_now(EXIT_REPORT_CLOSED)
+    os.write(report_fd, b"\n" + json.dumps({"outcome": outcome, "error": error}).encode() + b"\n")
     exit_now(0)  # skip interpreter teardown and any atexit handlers the program registered
 
 
@@ -535,8 +539,10 @@ def _hook(event, args, check=None, report=None, gc_isenabled=None, gc_disable=No
 def _report(reason, fd=None, pipe=None, fstat=None, write=None, exit_now=None, exit_code=None, prefix=None,
             limit=None, os_error=None):  # fmt: skip
     """Tell the parent at once, so that a program that catches the denial still fails. If the report pipe is
-    not the one the sandbox was given (closed, or another file put in its place with dup2), stop here."""
-    line = prefix + ("sandbox: " + reason)[:limit].replace("\n", " ").encode("utf-8", "backslashreplace") + b"\n"
+    not the one the sandbox was given (closed, or another file put in its place with dup2), stop here. The line
+    starts with a newline: the program may have left half a line in the pipe to swallow the prefix."""
+    text = ("sandbox: " + reason)[:limit].replace("\n", " ").encode("utf-8", "backslashreplace")
+    line = b"\n" + prefix + text + b"\n"
     try:
         status = fstat(fd)
         if (status.st_dev, status.st_ino) != pipe:
@@ -707,10 +713,11 @@ def _check_open(path, mode, flags, text_of=None, resolve=None, under=None, check
 def _check_import(name, filename, blocked_names=None, blocked_files=None, text_of=None, resolve=None, under=None,
                   sandbox=None, readable=None, type_=None, str_=None, repr_=None):  # fmt: skip
     if filename is None:  # finding a module by name (and then Python source, or a built-in module)
-        if type_(name) is str_:
-            for part in name.split("."):
-                if part in blocked_names:
-                    return ("module " + repr_(name[:200]) + " is not available in the sandbox",)
+        if type_(name) is not str_:  # a str subclass could answer split() as it likes
+            return ("modules named by a str subclass are not available in the sandbox",)
+        for part in name.split("."):
+            if part in blocked_names:
+                return ("module " + repr_(name[:200]) + " is not available in the sandbox",)
         return None
     # An extension module: native code, only the standard library's, never a blocked one under another name.
     text = text_of(filename)

@@ -404,6 +404,14 @@ ATTEMPTS = [
             "error", "not available"),
     attempt("testcapi_subinterpreter", "import _testcapi; _testcapi.run_in_subinterp('import os; os.system(\"id\")')",
             "error", "not available"),
+    attempt("import_by_str_subclass", """
+        class Name(str):
+            def split(self, *args):
+                return ['harmless']
+            def partition(self, *args):
+                return ('harmless', '', '')
+        __import__(Name('pwd')).getpwall()
+        """, "error", "not available"),
     attempt("unix_pathname_socket_raw", """
         import _socket
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -486,6 +494,16 @@ ATTEMPTS = [
         except PermissionError:
             pass
         os.write(fd, b'{"outcome": "ok", "error": null}\\n' * 1000)
+        """, "blocked", "writing"),
+    attempt("report_pipe_half_line_swallows_prefix", """
+        import os, sys
+        fd = int(sys.argv[2])
+        os.write(fd, b'x')  # no newline: the violation line would be glued to it
+        try:
+            open(TARGET, 'w')
+        except PermissionError:
+            pass
+        os.write(fd, b'{"outcome": "ok", "error": null}')
         """, "blocked", "writing"),
     attempt("report_pipe_replaced_by_dev_null", """
         import os, sys
