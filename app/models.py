@@ -26,7 +26,7 @@ import duckdb
 from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
 from nanochat.engine import Engine
 from nanochat.tokenizer import load_tokenizer
-from orchestration import eval_store
+from orchestration import eval_queries, eval_store
 from orchestration.artifact_store import MANIFEST_NAME, ArtifactStore
 from orchestration.promotion import LATEST_KEY, read_pointer
 
@@ -144,7 +144,7 @@ def read_eval_index(db_path: str | Path | None) -> tuple[dict[str, dict], str | 
     try:
         with eval_store.connect_ro(db_path, retries=2, backoff=0.1) as conn:
             eval_store.check_schema(conn)
-            checkpoints = eval_store.checkpoint_scores(conn)
+            checkpoints = eval_queries.checkpoint_scores(conn)
     except eval_store.DatabaseLockedError:
         return {}, "eval history busy (a writer holds it): scores not shown; refresh the list to retry"
     except (duckdb.Error, eval_store.SchemaVersionError, OSError) as e:

@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from orchestration import eval_store
+from orchestration import eval_queries, eval_store
 
 SEPARATOR = " · "  # between task and metric in a series name: "all · CORE", "arc_easy · accuracy"
 TABLE_COLUMNS = ["recorded_at", "profile", "depth", "run_id", "stage", "step", "checkpoint", "task", "metric",
@@ -51,7 +51,7 @@ def read_scores(db_path: str | Path, selected: str | None = None, retries: int =
     try:
         with eval_store.connect_ro(path, retries=retries, backoff=0.1, max_backoff=0.5) as conn:
             eval_store.check_schema(conn)
-            pairs = eval_store.series(conn)
+            pairs = eval_queries.series(conn)
             choices = [series_name(t, m) for t, m in pairs]
             aggregates = [series_name(t, m) for t, m in pairs if t == eval_store.AGGREGATE_TASK]
             if not choices:
@@ -60,7 +60,7 @@ def read_scores(db_path: str | Path, selected: str | None = None, retries: int =
                 selected = next((c for prefix in ("ChatCORE", "CORE") for c in aggregates
                                  if c.split(SEPARATOR, 1)[1].startswith(prefix)), choices[0])
             task, metric = selected.split(SEPARATOR, 1)
-            rows = eval_store.history(conn, metric=metric, task=task, last_n=MAX_RUNS)
+            rows = eval_queries.history(conn, metric=metric, task=task, last_n=MAX_RUNS)
     except eval_store.DatabaseLockedError:
         return Scores(message="⏳ The eval history is busy (a pipeline run is writing to it). Retry in a moment.")
     except (duckdb.Error, eval_store.SchemaVersionError, OSError) as e:

@@ -89,6 +89,14 @@ def evaluate_loss(model, loader, steps: int) -> float:
     return (total / count.clamp(min=1)).item()
 
 
+def sum_over_ranks(n: int, device) -> int:
+    """n summed over every rank (a collective: all ranks call it at the same step)."""
+    if not is_distributed():
+        return n
+    t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    return round(all_reduce_avg(t).item() * torch.distributed.get_world_size())
+
+
 def train(args, rank, world_size, device, reporter) -> dict:
     autocast = autocast_for(device, args.dtype)
     model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=args.model_tag,
@@ -111,10 +119,12 @@ def train(args, rank, world_size, device, reporter) -> dict:
     tag = args.model_tag or f"d{model.config.n_layer}"
     checkpoint_dir = checkpoint_dir_for("sft", tag)
     step, loader_state, val_loss = 0, None, None
+    # Tokens of the examples trained on: every rank's up to the step resumed from, then this rank's own since.
+    tokens_before, local_tokens = 0, 0
     if args.resume:
         # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.
         step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size)
-        val_loss = meta.get("val_loss")
+        val_loss, tokens_before = meta.get("val_loss"), int(meta.get("tokens_seen") or 0)
         print0(f"resumed SFT from {checkpoint_dir} step {step}")
     train_loader = SFTBatchLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
 
@@ -131,9 +141,10 @@ def train(args, rank, world_size, device, reporter) -> dict:
             reporter.metrics(step, val_loss=val_loss)
             model.train()
         if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
-            meta = {"step": step, "val_loss": val_loss, "model_config": model.config.to_dict(),
-                    "user_config": vars(args), "world_size": world_size, "source": args.source,
-                    "source_step": source_meta.get("step"),
+            tokens_seen = tokens_before + sum_over_ranks(local_tokens, device)
+            meta = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen,
+                    "model_config": model.config.to_dict(), "user_config": vars(args), "world_size": world_size,
+                    "source": args.source, "source_step": source_meta.get("step"),
                     **loader_states_meta(train_loader.state_dict())}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)
@@ -149,6 +160,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
                 loss = model(x, y)
             (loss / grad_accum_steps).backward()
             num_tokens += int((y >= 0).sum())
+            local_tokens += train_loader.batch_tokens
         lrm = 1.0 - step / num_iterations
         set_lr_multiplier(optimizers, lrm)
         for opt in optimizers:
@@ -164,7 +176,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
                    f"supervised tok/s {tokens_per_sec:,.0f}")
             reporter.metrics(step, loss=losses[-1])
 
-    summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_loss": val_loss,
+    summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_loss": val_loss, "tokens_seen": tokens_seen,
                "final_loss": losses[-1] if losses else None, "losses": losses}
     reporter.result({**{k: v for k, v in summary.items() if k != "losses"}, "loss_curve": loss_curve(losses)})
     return summary

@@ -205,6 +205,7 @@ class SFTBatchLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = [self.tokenizer.render_conversation(self._next_conversation(), max_tokens=self.T + 1)
                 for _ in range(self.B)]
+        self.batch_tokens = sum(len(ids) - 1 for ids, _ in rows)  # the examples' tokens, padding excluded
         width = max(len(ids) for ids, _ in rows) - 1
         inputs = torch.full((self.B, width), self.pad_id, dtype=torch.long)
         targets = torch.full((self.B, width), -1, dtype=torch.long)

@@ -1,6 +1,12 @@
 """
 Eval history in DuckDB: one row per (run, stage, checkpoint, task, metric).
 
+Tables: `runs` (one per Dagster run that trained something; `started_at` is the run's start), `checkpoints` (one per
+run, stage and checkpoint: `checkpoint_id` is the sha256 of the published checkpoint, so identical weights from
+two runs are two rows, each with its own scores), `eval_results`. `tokens_seen` is the number of tokens the model
+trained on in that stage: steps x batch tokens for base and mid, the tokens of the conversations seen for SFT.
+The schema is versioned (`MIGRATIONS`); the next write upgrades an older file in place, in one transaction.
+
 Everything here is a plain function over a duckdb connection and imports no Dagster, so the assets (through the
 `EvalHistory` resource in orchestration/defs/resources.py, whose `record` calls `record` here), the
 `nanochat-evals` CLI and the chat app (its Scores tab and model picker) share one code path.
@@ -15,33 +21,8 @@ pseudo-task `AGGREGATE_TASK` ("all"), per-task numbers under the task's name (me
 4 of the 22 CORE tasks had no data, `ChatCORE[5/6]`; such a score is a different metric and is never compared
 with a full `CORE`. Times are naive UTC.
 
-Documented SQL (run it with `nanochat-evals sql "..."` or any DuckDB client opened read-only):
-
-How did CORE move over the last 10 runs? One row per run (its latest CORE), oldest first, with the change
-from the run before (with the offline eval bundle, write 'CORE[18/22]' for 'CORE'):
-
-```sql
-SELECT run_id, profile, depth, tokens_seen, value AS core,
-       value - lag(value) OVER (ORDER BY recorded_at) AS change, recorded_at
-FROM (
-    SELECT * FROM eval_results
-    WHERE metric = 'CORE'
-    QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY recorded_at DESC) = 1
-    ORDER BY recorded_at DESC
-    LIMIT 10
-)
-ORDER BY recorded_at;
-```
-
-Best ChatCORE per depth, with the run and checkpoint that reached it:
-
-```sql
-SELECT depth, value AS chatcore, run_id, stage, checkpoint_id, recorded_at
-FROM eval_results
-WHERE metric = 'ChatCORE'
-QUALIFY row_number() OVER (PARTITION BY depth ORDER BY value DESC, recorded_at DESC) = 1
-ORDER BY depth;
-```
+The readers (history, compare, best, latest, the app's queries) and the documented SQL are in
+orchestration/eval_queries.py.
 """
 
 from __future__ import annotations
@@ -62,7 +43,6 @@ import duckdb
 
 STAGES = ("base", "mid", "sft")
 AGGREGATE_TASK = "all"
-BEST_BY = ("depth", "profile", "stage", "task")
 
 # Ordered and append-only: MIGRATIONS[i] takes the database from version i to i + 1. Never edit a shipped entry.
 # No foreign keys on purpose: assets record in whatever order they run (results may land before their run or
@@ -107,6 +87,25 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN source VARCHAR;
     ALTER TABLE runs ADD COLUMN revision VARCHAR;
+    """,
+    # v3: a checkpoint is keyed by the run and stage that produced it, not by its content: two runs that train
+    # identical weights (same seed, same data) each keep their checkpoint row, and their scores join to it.
+    # DuckDB cannot change a primary key in place: copy into the new table, then swap the names.
+    """
+    CREATE TABLE checkpoints_v3 (
+        run_id        VARCHAR NOT NULL,
+        stage         VARCHAR NOT NULL CHECK (stage IN ('base', 'mid', 'sft')),
+        checkpoint_id VARCHAR NOT NULL,  -- the sha256 of the checkpoint artifact (its manifest)
+        step          BIGINT NOT NULL,
+        uri           VARCHAR NOT NULL,
+        tokens_seen   BIGINT,
+        created_at    TIMESTAMP NOT NULL,
+        PRIMARY KEY (run_id, stage, checkpoint_id)
+    );
+    INSERT INTO checkpoints_v3
+        SELECT run_id, stage, checkpoint_id, step, uri, tokens_seen, created_at FROM checkpoints;
+    DROP TABLE checkpoints;
+    ALTER TABLE checkpoints_v3 RENAME TO checkpoints;
     """,
 ]
 
@@ -346,13 +345,25 @@ def record_eval_results(
 
 def _write_run(conn, run_id, profile, depth, git_sha, config, dagster_run_id, started_at, source=None,
                revision=None) -> None:
+    # Every stage of a run records it again: started_at keeps the earliest time given (the run's start), and a
+    # field left None (an eval recording the run that trained its checkpoint) keeps what the run itself wrote.
     row = [run_id, _utc(started_at), profile, depth, git_sha, _json(config), dagster_run_id, source, revision]
-    conn.execute("INSERT OR REPLACE INTO runs (run_id, started_at, profile, depth, git_sha, config, dagster_run_id, "
-                 "source, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+    conn.execute("""
+        INSERT INTO runs (run_id, started_at, profile, depth, git_sha, config, dagster_run_id, source, revision)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ON CONFLICT (run_id) DO UPDATE SET
+            started_at = least(runs.started_at, excluded.started_at),
+            profile = excluded.profile, depth = excluded.depth,
+            git_sha = coalesce(excluded.git_sha, runs.git_sha),
+            config = coalesce(excluded.config, runs.config),
+            dagster_run_id = coalesce(excluded.dagster_run_id, runs.dagster_run_id),
+            source = coalesce(excluded.source, runs.source),
+            revision = coalesce(excluded.revision, runs.revision)
+    """, row)
 
 
 def _write_checkpoint(conn, checkpoint_id, run_id, stage, step, uri, tokens_seen, created_at) -> None:
-    row = [checkpoint_id, run_id, stage, step, uri, tokens_seen, _utc(created_at)]
+    row = [run_id, stage, checkpoint_id, step, uri, tokens_seen, _utc(created_at)]
     conn.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
 
@@ -396,149 +407,3 @@ def _utc(at: datetime | None) -> datetime:
     if at is None:
         return _now()
     return at.astimezone(timezone.utc).replace(tzinfo=None) if at.tzinfo else at
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Readers: lists of dicts, no pandas. Filters left as None match everything.
-
-_RESULT_COLUMNS = "e.run_id, e.stage, e.checkpoint_id, c.step, e.task, e.metric, e.value, e.profile, e.depth, "
-_RESULT_COLUMNS += "e.tokens_seen, e.recorded_at"
-
-
-def history(
-    conn: duckdb.DuckDBPyConnection,
-    metric: str = "CORE",
-    task: str | None = None,
-    stage: str | None = None,
-    last_n: int = 10,
-) -> list[dict[str, Any]]:
-    """Every matching result of the last_n most recently evaluated runs, oldest first.
-
-    `change` is the difference from the previous result of the same (stage, task) series, looking across all
-    history, so the oldest run shown still says how it moved from the one before it.
-    """
-    sql = f"""
-        WITH picked AS (
-            SELECT *, value - lag(value) OVER (PARTITION BY stage, task ORDER BY recorded_at, run_id) AS change
-            FROM eval_results
-            WHERE metric = $metric AND ($task IS NULL OR task = $task) AND ($stage IS NULL OR stage = $stage)
-        ),
-        recent_runs AS (
-            SELECT run_id FROM picked GROUP BY run_id ORDER BY max(recorded_at) DESC, run_id DESC LIMIT $last_n
-        )
-        SELECT {_RESULT_COLUMNS}, e.change
-        FROM picked e JOIN recent_runs USING (run_id) LEFT JOIN checkpoints c USING (checkpoint_id)
-        ORDER BY e.recorded_at, e.run_id, e.stage, e.task, e.checkpoint_id
-    """
-    return _rows(conn, sql, {"metric": metric, "task": task, "stage": stage, "last_n": last_n})
-
-
-def compare(conn: duckdb.DuckDBPyConnection, run_a: str, run_b: str, stage: str | None = None) -> list[dict[str, Any]]:
-    """Each (stage, task, metric) of two runs side by side: a, b and delta = b - a (None where one is missing).
-
-    Where a run evaluated several checkpoints of a stage, its latest result counts.
-    """
-    # A typo'd run id would otherwise show up as a silent column of blanks.
-    exists = "SELECT 1 FROM eval_results WHERE run_id = $run AND ($stage IS NULL OR stage = $stage) LIMIT 1"
-    for run in (run_a, run_b):
-        if not _rows(conn, exists, {"run": run, "stage": stage}):
-            where = f" at stage {stage!r}" if stage else ""
-            raise LookupError(f"no eval results for run {run!r}{where}")
-    sql = """
-        WITH latest AS (
-            SELECT * FROM eval_results
-            WHERE run_id IN ($a, $b) AND ($stage IS NULL OR stage = $stage)
-            QUALIFY row_number() OVER (PARTITION BY run_id, stage, task, metric ORDER BY recorded_at DESC) = 1
-        )
-        SELECT stage, task, metric,
-               max(value) FILTER (WHERE run_id = $a) AS a,
-               max(value) FILTER (WHERE run_id = $b) AS b,
-               b - a AS delta
-        FROM latest
-        GROUP BY stage, task, metric
-        ORDER BY stage, task, metric  -- alphabetical happens to be pipeline order: base, mid, sft
-    """
-    return _rows(conn, sql, {"a": run_a, "b": run_b, "stage": stage})
-
-
-def best(
-    conn: duckdb.DuckDBPyConnection,
-    metric: str = "ChatCORE",
-    by: str = "depth",
-    task: str | None = None,
-    stage: str | None = None,
-    higher_is_better: bool = True,
-) -> list[dict[str, Any]]:
-    """The best value of a metric for each value of `by`, with the run and checkpoint that reached it."""
-    if by not in BEST_BY:  # an identifier, so it cannot be a bound parameter: allow only known columns
-        raise ValueError(f"by must be one of {', '.join(BEST_BY)}; got {by!r}")
-    order = "DESC" if higher_is_better else "ASC"
-    sql = f"""
-        SELECT e.{by}, e.value, e.run_id, e.stage, e.checkpoint_id, c.step, e.task, e.tokens_seen, e.recorded_at
-        FROM eval_results e LEFT JOIN checkpoints c USING (checkpoint_id)
-        WHERE e.metric = $metric AND ($task IS NULL OR e.task = $task) AND ($stage IS NULL OR e.stage = $stage)
-        QUALIFY row_number() OVER (PARTITION BY e.{by} ORDER BY e.value {order}, e.recorded_at DESC) = 1
-        ORDER BY e.{by}
-    """
-    return _rows(conn, sql, {"metric": metric, "task": task, "stage": stage})
-
-
-def latest(
-    conn: duckdb.DuckDBPyConnection,
-    stage: str | None = None,
-    run_id: str | None = None,
-    checkpoint_id: str | None = None,
-) -> list[dict[str, Any]]:
-    """All results of the most recently evaluated checkpoint matching the filters: one model's full scorecard."""
-    sql = f"""
-        WITH target AS (
-            SELECT run_id, stage, checkpoint_id FROM eval_results
-            WHERE ($stage IS NULL OR stage = $stage) AND ($run_id IS NULL OR run_id = $run_id)
-              AND ($checkpoint_id IS NULL OR checkpoint_id = $checkpoint_id)
-            ORDER BY recorded_at DESC, run_id DESC
-            LIMIT 1
-        )
-        SELECT {_RESULT_COLUMNS}
-        FROM eval_results e
-        JOIN target USING (run_id, stage, checkpoint_id)
-        LEFT JOIN checkpoints c USING (checkpoint_id)
-        ORDER BY e.task, e.metric
-    """
-    return _rows(conn, sql, {"stage": stage, "run_id": run_id, "checkpoint_id": checkpoint_id})
-
-
-def series(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
-    """Every (task, metric) pair recorded: the aggregates (task "all": CORE, ChatCORE, ...) first, then per task."""
-    pairs = conn.execute("SELECT DISTINCT task, metric FROM eval_results").fetchall()
-    return sorted(pairs, key=lambda p: (p[0] != AGGREGATE_TASK, p[0], p[1]))
-
-
-def checkpoint_scores(conn: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """Each recorded checkpoint with its aggregate scores ({metric: latest value}), for the app's model picker.
-
-    A mid or SFT checkpoint also carries the CORE of its run's base checkpoint (CORE is measured on base models,
-    ChatCORE on chat models), so one label shows both.
-    """
-    checkpoints = _rows(conn, "SELECT checkpoint_id, run_id, stage, step, uri, created_at FROM checkpoints", {})
-    aggregates = _rows(conn, """
-        SELECT run_id, stage, checkpoint_id, metric, value FROM eval_results
-        WHERE task = $task
-        QUALIFY row_number() OVER (PARTITION BY run_id, stage, checkpoint_id, metric ORDER BY recorded_at DESC) = 1
-        ORDER BY metric
-    """, {"task": AGGREGATE_TASK})
-    own: dict[tuple, dict[str, float]] = {}
-    base_core: dict[str, dict[str, float]] = {}  # run_id -> CORE of its base checkpoint
-    for a in aggregates:
-        own.setdefault((a["run_id"], a["stage"], a["checkpoint_id"]), {})[a["metric"]] = a["value"]
-        if a["stage"] == "base" and a["metric"].startswith("CORE"):
-            base_core.setdefault(a["run_id"], {})[a["metric"]] = a["value"]
-    for c in checkpoints:
-        inherited = base_core.get(c["run_id"], {}) if c["stage"] != "base" else {}
-        c["scores"] = {**inherited, **own.get((c["run_id"], c["stage"], c["checkpoint_id"]), {})}
-    return checkpoints
-
-
-def _rows(conn: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
-    cursor = conn.execute(sql, dict(params))  # DuckDB insists every parameter passed is used in the statement
-    columns = [d[0] for d in cursor.description]
-    return [dict(zip(columns, row)) for row in cursor.fetchall()]

@@ -7,10 +7,14 @@ nanochat-evals: read the eval history (see orchestration/eval_store.py) from the
     nanochat-evals latest [--stage S] [--run RUN]
     nanochat-evals sql "SELECT ..."
 
---db PATH (default $NANOCHAT_DUCKDB, else $NANOCHAT_HOME/evals.duckdb; see orchestration/home.py) and --json
-go before or after the subcommand. The database is always opened read-only with file access disabled, so this
-tool can run beside a writer's short transactions (retrying while one holds the lock) and `sql` cannot change
-anything, on disk or elsewhere.
+--db PATH (default $NANOCHAT_DUCKDB, else $NANOCHAT_HOME/evals.duckdb; see orchestration/home.py), --json and
+--wide go before or after the subcommand. Run ids may be given by a prefix (the 8 characters the Dagster UI
+shows). Tables fit a 120-column terminal: run ids are shown by their first 8 characters, checkpoint ids (sha256)
+by 12, and long text is cut with "…"; --wide prints everything in full, --json too. A metric with no rows lists
+the metrics that exist (a partial CORE suite is recorded as e.g. CORE[18/22]).
+
+The database is always opened read-only with file access disabled, so this tool can run beside a writer's short
+transactions (retrying while one holds the lock) and `sql` cannot change anything, on disk or elsewhere.
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ from typing import Any
 
 import duckdb
 
+from orchestration import eval_queries as eq
 from orchestration import eval_store as es
 from orchestration import home
+
+WIDTH = 120  # the terminal the table must fit without --wide
+SHORT_IDS = {"run_id": 8, "checkpoint_id": 12}  # as the Dagster UI shows run ids; 12 hex digits of a sha256
+MIN_TEXT = 8  # a text column is never cut below this many characters
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "json", False):
         print(json.dumps([dict(zip(columns, row)) for row in rows], indent=2, default=_jsonable))
     else:
-        print(_table(_headers(columns, args), rows))
+        print(_table(_headers(columns, args), rows, wide=getattr(args, "wide", False)))
     return 0
 
 
@@ -56,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="the eval DuckDB file")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, not a table")
+    common.add_argument("--wide", action="store_true", default=argparse.SUPPRESS,
+                        help="full ids and text (the table may then be wider than 120 columns)")
 
     parser = argparse.ArgumentParser(prog="nanochat-evals", description=__doc__.split("\n")[1], parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("best", parents=[common], help="the best value of a metric per depth (or profile, ...)")
     p.add_argument("--metric", default="ChatCORE")
-    p.add_argument("--by", default="depth", choices=es.BEST_BY)
+    p.add_argument("--by", default="depth", choices=eq.BEST_BY)
     p.add_argument("--task")
     p.add_argument("--stage", choices=es.STAGES)
     p.add_argument("--lower-is-better", action="store_true", help="for losses such as bpb")
@@ -97,22 +108,32 @@ Result = tuple[list[str], list[tuple]]
 
 
 def _history(conn: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> Result:
-    return _columns(es.history(conn, metric=args.metric, task=args.task, stage=args.stage, last_n=args.last))
+    _known_metric(conn, args.metric)
+    return _columns(eq.history(conn, metric=args.metric, task=args.task, stage=args.stage, last_n=args.last))
 
 
 def _compare(conn: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> Result:
-    return _columns(es.compare(conn, args.run_a, args.run_b, stage=args.stage))
+    args.run_a, args.run_b = eq.resolve_run(conn, args.run_a), eq.resolve_run(conn, args.run_b)
+    return _columns(eq.compare(conn, args.run_a, args.run_b, stage=args.stage))
 
 
 def _best(conn: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> Result:
+    _known_metric(conn, args.metric)
     higher = not args.lower_is_better
     return _columns(
-        es.best(conn, metric=args.metric, by=args.by, task=args.task, stage=args.stage, higher_is_better=higher)
+        eq.best(conn, metric=args.metric, by=args.by, task=args.task, stage=args.stage, higher_is_better=higher)
     )
 
 
 def _latest(conn: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> Result:
-    return _columns(es.latest(conn, stage=args.stage, run_id=args.run_id))
+    run_id = eq.resolve_run(conn, args.run_id) if args.run_id else None
+    return _columns(eq.latest(conn, stage=args.stage, run_id=run_id))
+
+
+def _known_metric(conn: duckdb.DuckDBPyConnection, metric: str) -> None:
+    message = eq.unknown_metric_message(conn, metric)
+    if message:
+        raise LookupError(message)
 
 
 def _sql(conn: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> Result:
@@ -130,33 +151,69 @@ def _columns(rows: list[dict[str, Any]]) -> Result:
 def _headers(columns: list[str], args: argparse.Namespace) -> list[str]:
     # compare's a/b columns read better under the run ids they stand for.
     if args.command == "compare":
-        return [{"a": args.run_a, "b": args.run_b}.get(c, c) for c in columns]
+        short = getattr(args, "wide", False) is False
+        names = {"a": args.run_a, "b": args.run_b}
+        return [names[c][:SHORT_IDS["run_id"]] if c in names and short else names.get(c, c) for c in columns]
     return columns
 
 
-def _table(columns: list[str], rows: list[tuple]) -> str:
+def _table(columns: list[str], rows: list[tuple], wide: bool = False) -> str:
     if not rows:
         return "(no rows)"
-    signed = [c in ("delta", "change") for c in columns]
-    cells = [[_cell(v, signed[i]) for i, v in enumerate(row)] for row in rows]
+    cells = [[_cell(v, c, wide) for c, v in zip(columns, row)] for row in rows]
+    if not wide:  # "checkpoint_id" over a 12-character column would be cut
+        columns = ["checkpoint" if c == "checkpoint_id" else c for c in columns]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     # Numbers right-aligned so their decimal points line up; everything else left-aligned.
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(columns))]
+    if not wide:  # ids, text and labels may be cut; numbers and times never are
+        fixed = [n or all(isinstance(r[i], (date, datetime)) or r[i] is None for r in rows)
+                 for i, n in enumerate(numeric)]
+        widths = _fit(widths, [len(c) for c in columns], fixed)
+    clip = [_clip(c, w) for c, w in zip(columns, widths)]
 
     def line(values: Sequence[str]) -> str:
+        values = [_clip(v, w) for v, w in zip(values, widths)]
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
 
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+    return "\n".join([line(clip), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def _cell(value: Any, signed: bool) -> str:
+def _fit(widths: list[int], headers: list[int], fixed: list[bool]) -> list[int]:
+    """Narrow the widest text column, one character at a time, until the table fits WIDTH."""
+    widths = list(widths)
+    while sum(widths) + 2 * (len(widths) - 1) > WIDTH:
+        text = [i for i, f in enumerate(fixed) if not f and widths[i] > max(MIN_TEXT, min(headers[i], 12))]
+        if not text:
+            break  # nothing left to cut: better a wide table than one without its numbers
+        widths[max(text, key=lambda i: widths[i])] -= 1
+    return widths
+
+
+def _clip(value: str, width: int) -> str:
+    return value if len(value) <= width else value[:width - 1] + "…"
+
+
+def _cell(value: Any, column: str, wide: bool) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:+.4f}" if signed else f"{value:.4f}"
+        return f"{value:+.4f}" if column in ("delta", "change") else f"{value:.4f}"
     if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
+        return value.isoformat(sep=" ", timespec="seconds" if wide else "minutes")
+    if column == "tokens_seen" and isinstance(value, int) and not wide:
+        return _si(value)
+    if column in SHORT_IDS and not wide:
+        return str(value)[:SHORT_IDS[column]]
     return str(value)
+
+
+def _si(n: int) -> str:
+    """11200000000 -> 11.2B: token counts at a glance (--wide and --json give the exact number)."""
+    for factor, unit in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.3g}{unit}"
+    return str(n)
 
 
 def _jsonable(value: Any) -> Any:

@@ -48,6 +48,16 @@ def test_mid_and_sft_write_loadable_checkpoints(pipeline_dir, small_tokenizer):
     assert all(len(r) > len(prompt) for r in rows)
 
 
+def test_sft_reports_the_tokens_of_the_examples_it_trained_on(pipeline_dir, small_tokenizer, shared_data):
+    """12 steps of 8 conversations: the first 96 of the mixture, each cropped to sequence_len + 1 tokens."""
+    base, _, sft = pipeline_dir
+    _, _, meta = load_model("sft", "cpu", "eval", base_dir=base, tokenizer=small_tokenizer)
+    dataset = sft_mixture(None, seed=42)
+    T = meta["model_config"]["sequence_len"]
+    expected = sum(len(small_tokenizer.render_conversation(dataset[i], max_tokens=T + 1)[0]) - 1 for i in range(96))
+    assert sft["tokens_seen"] == meta["tokens_seen"] == expected
+
+
 def test_mid_resume_continues_from_its_checkpoint(pipeline_dir, monkeypatch, shared_data):
     base, _, _ = pipeline_dir
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))

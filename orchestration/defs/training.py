@@ -53,8 +53,9 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
               "num_params", "total_training_time"):
         if result.get(k) is not None:
             metadata[k] = result[k]
-    # Tokens the model has seen in this stage (SFT counts examples, not a token budget).
-    tokens_seen = step * settings["total_batch_size"] if stage in ("base", "mid") else None
+    # Tokens the model has seen in this stage: a fixed token budget per step for base and mid; SFT batches whole
+    # conversations, so chat_sft counts the tokens of the examples it trained on.
+    tokens_seen = step * settings["total_batch_size"] if stage in ("base", "mid") else result.get("tokens_seen")
     if tokens_seen is not None:
         metadata["tokens_seen"] = tokens_seen
     # A non-finite loss is not recorded (DuckDB history holds numbers); the no_nan_loss check then blocks promotion.
