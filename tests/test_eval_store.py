@@ -99,15 +99,20 @@ INSERT INTO eval_results VALUES
 """
 
 
-def write_v1_file(path) -> None:
-    with duckdb.connect(str(path)) as c:
-        c.execute(V1_DDL)
+# Version 2 (the importer's source and revision columns) on top of the same rows: the schema this change upgrades.
+V2_DDL = V1_DDL + """
+ALTER TABLE runs ADD COLUMN source VARCHAR;
+ALTER TABLE runs ADD COLUMN revision VARCHAR;
+INSERT INTO schema_version VALUES (2, TIMESTAMP '2025-01-02 00:00:00');
+"""
 
 
-def test_a_v1_file_is_upgraded_in_place_and_keeps_its_rows(db):
-    write_v1_file(db)
+@pytest.mark.parametrize("version, ddl", [(1, V1_DDL), (2, V2_DDL)])
+def test_an_older_file_is_upgraded_in_place_and_keeps_its_rows(db, version, ddl):
+    with duckdb.connect(str(db)) as c:
+        c.execute(ddl)
     with es.connect_ro(db) as c:
-        with pytest.raises(es.SchemaVersionError, match=f"{db}.*version 1, this code expects {len(es.MIGRATIONS)}"):
+        with pytest.raises(es.SchemaVersionError, match=f"{db}.*version {version}, this code expects 3"):
             es.check_schema(c)
     with es.connect_rw(db) as c:  # the next write upgrades it: here runA's checkpoint row, which v1 had lost
         es.record_checkpoint(c, "same-sha", run_id="runA", stage="base", step=100, uri="file:///a", tokens_seen=6400)
