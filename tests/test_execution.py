@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -408,3 +409,13 @@ def test_python_only_switch_is_ignored_outside_tests():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "active layers" in done.stderr and "TEST SWITCH" not in done.stderr, done.stderr
+
+
+def test_sandbox_bench_prints_one_line_per_mode_and_program():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "nanochat.sandbox_bench", "--rounds", "1"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {(line["mode"], line["program"]) for line in lines} >= {("process", "trivial"), ("python-only", "trivial")}
+    assert all(line["median_ms"] > 0 and line["bare_interpreter_ms"] > 0 for line in lines)
