@@ -9,8 +9,8 @@ read and write the same files with no other variable set.
     $NANOCHAT_HOME/home            DAGSTER_HOME: runs, event log (DAGSTER_HOME)
 
 The variable in brackets overrides one path (e.g. artifacts on S3, the rest local). Dagster-free: the app uses it.
-`python -m orchestration.home` creates DAGSTER_HOME with its dagster.yaml if missing and prints the two exports a
-shell needs (scripts/ui.sh and scripts/pipeline.sh eval it).
+`python -m orchestration.home` creates DAGSTER_HOME with its dagster.yaml if missing and prints the resolved paths as
+shell exports (scripts/ui.sh and scripts/pipeline.sh eval it).
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def _path(variable: str, name: str) -> Path:
 
 
 def main() -> int:
-    dagster = ensure_dagster_home()
-    print(f"export NANOCHAT_HOME={shlex.quote(str(home()))}")
-    print(f"export DAGSTER_HOME={shlex.quote(str(dagster))}")
+    paths = {"NANOCHAT_HOME": home(), "DAGSTER_HOME": ensure_dagster_home(), "NANOCHAT_ARTIFACTS": artifacts_url(),
+             "NANOCHAT_WORKSPACE": workspace_dir(), "NANOCHAT_DUCKDB": duckdb_path()}
+    for name, value in paths.items():
+        print(f"export {name}={shlex.quote(str(value))}")
     return 0
 
 

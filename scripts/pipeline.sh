@@ -2,22 +2,15 @@
 # The README's main command: the whole tiny pipeline as Dagster assets (raw_shards -> tokenizer -> base checkpoint
 # -> base_eval -> mid -> SFT checkpoints -> chat_eval -> promoted_model -> report, with their checks), materialized
 # from the command line on CPU against the local artifact store and a local DuckDB eval history (no server needed).
-# Everything lands in .nanochat-dagster/ (override with the variables below); open the UI afterwards to see it.
+# Everything lands in $NANOCHAT_HOME (default .nanochat-dagster/); open the UI afterwards (scripts/ui.sh) to see it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 
-state=$PWD/.nanochat-dagster
-export DAGSTER_HOME=${DAGSTER_HOME:-$state/home}
-export NANOCHAT_ARTIFACTS=${NANOCHAT_ARTIFACTS:-$state/artifacts}
-export NANOCHAT_WORKSPACE=${NANOCHAT_WORKSPACE:-$state/work}
-export NANOCHAT_DUCKDB=${NANOCHAT_DUCKDB:-$state/evals.duckdb}
+# One state root (orchestration/home.py): artifacts, workspace, eval history and DAGSTER_HOME (with its dagster.yaml:
+# one op per pool, so training never runs twice at once) under $NANOCHAT_HOME, the same files the UI, CLI and app use.
+eval "$(.venv/bin/python -m orchestration.home)"
 export NANOCHAT_SHARED_DATA=${NANOCHAT_SHARED_DATA:-$(cd .. && pwd)/shared/data}
-mkdir -p "$DAGSTER_HOME"
-if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then
-    # One op at a time per pool: the training assets share pool "gpu", so runs never train concurrently.
-    printf 'concurrency:\n  pools:\n    default_limit: 1\n' > "$DAGSTER_HOME/dagster.yaml"
-fi
 
 start=$(date +%s)
 # Steps run one after another in the run's process (on CPU they would anyway: training and evals share the "gpu"
@@ -38,6 +31,7 @@ echo "report card:    $(ls -t "$NANOCHAT_ARTIFACTS"/report/*/*/*/report.md 2>/de
 echo "eval history:   $NANOCHAT_DUCKDB"
 .venv/bin/nanochat-evals --db "$NANOCHAT_DUCKDB" latest
 echo
-echo "UI:     DAGSTER_HOME=$DAGSTER_HOME .venv/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000"
-echo "query:  .venv/bin/nanochat-evals --db $NANOCHAT_DUCKDB history --metric 'CORE[18/22]'"
-echo "chat:   .venv/bin/python -m app --artifacts $NANOCHAT_ARTIFACTS --duckdb $NANOCHAT_DUCKDB"
+# The same state with no variable to set (run them from this directory; NANOCHAT_HOME if you moved it):
+echo "UI:     scripts/ui.sh   (http://127.0.0.1:3000)"
+echo "query:  .venv/bin/nanochat-evals history --metric 'CORE[18/22]'"
+echo "chat:   .venv/bin/python -m app"

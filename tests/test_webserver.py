@@ -128,9 +128,10 @@ def free_port() -> int:
 class DagsterDev:
     """`dagster dev -m orchestration.definitions` (webserver, daemon, code server) in its own process group."""
 
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
+    def __init__(self, home: Path, env: dict[str, str], cmd: list[str] | None = None) -> None:
         self.home = home
         self.env = env
+        self.cmd = cmd  # default: dagster dev on the port; {port} in a given command is replaced by it
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / "dagster-dev.log"
@@ -141,6 +142,8 @@ class DagsterDev:
     def start(self, timeout: float = 120.0) -> None:
         cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-m", "orchestration.definitions",
                "-h", "127.0.0.1", "-p", str(self.port)]
+        if self.cmd:
+            cmd = [part.replace("{port}", str(self.port)) for part in self.cmd]
         # A new session: a Ctrl-C in the test runner does not reach it, and stop() can signal the whole group
         # (webserver, daemon, code servers and run workers) at once.
         with open(self.log_path, "ab") as log:
@@ -374,3 +377,60 @@ def test_invalid_profile_errors_reach_the_graphql_client(dagster_dev):
     assert wait_for_run(dagster_dev, run_id) == DagsterRunStatus.FAILURE
     errors = run_errors(dagster_dev, run_id)
     assert any("depth must be positive, got -1" in e for e in errors), errors
+
+
+# --- one state: the UI started as scripts/ui.sh starts it, the CLI and the app see the same files -----------------
+
+PATH_VARIABLES = ("DAGSTER_HOME", "NANOCHAT_ARTIFACTS", "NANOCHAT_WORKSPACE", "NANOCHAT_DUCKDB", "NANOCHAT_BASE_DIR")
+
+APP_SCORES = """
+from app.__main__ import parse_args
+from app.scores import read_scores
+from orchestration import home
+from orchestration.artifact_store import artifact_store_from_url
+
+args = parse_args([])  # the app's defaults, as `python -m app` takes them
+scores = read_scores(home.duckdb_path(), "validation \u00b7 val_bpb")
+print(scores.message)
+print(sorted(set(scores.table["run_id"])))
+print(artifact_store_from_url(args.artifacts).is_published(sys.argv[1]))
+"""
+
+
+def test_ui_cli_and_app_share_one_state(tmp_path, shared_data):
+    """A run launched in the UI that scripts/ui.sh starts (only NANOCHAT_HOME set) lands where `nanochat-evals`
+    and the app look by default: the same DuckDB rows, the same artifact store."""
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k not in PATH_VARIABLES}
+    env.update(NANOCHAT_HOME=str(state), PYTHON=sys.executable, NANOCHAT_SHARED_DATA=str(shared_data),
+               NANOCHAT_ARTIFACT_CACHE=str(tmp_path / "cache"))
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    server = DagsterDev(log_dir, env, cmd=["bash", str(REPO / "scripts" / "ui.sh"), "{port}"])
+    try:
+        server.start()
+        assert (state / "home" / "dagster.yaml").is_file()  # ui.sh created DAGSTER_HOME under NANOCHAT_HOME
+        # The cheapest assets that write eval rows: the base checkpoint records its validation bpb.
+        profile = {**FAST_PROFILE, "depth": 2, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 1024,
+                   "base_iterations": 6, "eval_every": 6, "eval_tokens": 2048}
+        run_config = {"resources": {"profile": {"config": profile}}, **IN_PROCESS}
+        run_id = launch_run(server, ["raw_shards", "tokenizer", "base_checkpoint"], run_config)
+        status = wait_for_run(server, run_id, timeout=240)
+        assert status == DagsterRunStatus.SUCCESS, "\n---\n".join(run_errors(server, run_id)) + server.log_tail()
+        _, meta = latest_materialization(server, "base_checkpoint")
+    finally:
+        server.stop()
+    assert (state / "evals.duckdb").is_file() and (state / "artifacts" / meta["key"]).is_dir()
+
+    clean = {k: v for k, v in env.items() if k != "PYTHON"}  # the CLI and the app get NANOCHAT_HOME and nothing else
+    cli = subprocess.run([sys.executable, "-m", "orchestration.evals_cli", "latest", "--run", run_id[:8]],
+                         cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert f"{run_id[:8]}  base" in cli.stdout and "val_bpb" in cli.stdout, cli.stdout
+
+    app = subprocess.run([sys.executable, "-c", "import sys\n" + APP_SCORES, meta["key"]], cwd=REPO, env=clean,
+                         capture_output=True, text=True, timeout=300)
+    assert app.returncode == 0, app.stderr
+    message, runs, published = app.stdout.splitlines()[-3:]
+    assert "results for **validation · val_bpb**" in message
+    assert runs == str([run_id]) and published == "True"
