@@ -28,6 +28,7 @@ from nanochat.common import (
     set_lr_multiplier,
     synchronize,
 )
+from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -72,16 +73,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-tag", default="", help="checkpoint subdirectory (default d<depth>)")
     p.add_argument("--data-dir", default=None, help="shard directory (default $NANOCHAT_DATA_DIR)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
-    p.add_argument("--resume-from-step", type=int, default=-1)
+    p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (implies --resume)")
+    # CORE during training, as the original's --core-metric-every: the score goes into that step's meta (saved when
+    # the step is a save step) and to Dagster as a progress message. The final CORE is base_eval's job.
+    p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1: off)")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task (-1: all)")
     p.add_argument("--log-every", type=int, default=1)
     return check_ranges(
         p, p.parse_args(argv),
         positive=("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
                   "eval_tokens", "log_every"),
+        horizons=("num_iterations", "core_metric_max_per_task"),
         non_negative=("n_kv_head", "target_param_data_ratio", "embedding_lr", "unembedding_lr", "matrix_lr",
                       "weight_decay", "grad_clip"),
         fractions=("warmup_ratio", "warmdown_ratio", "final_lr_frac"),
-        horizons=("num_iterations",),
     )
 
 
@@ -127,6 +132,18 @@ def main(argv=None) -> dict:
     return run_training(train, parse_args(argv))
 
 
+def core_eval_bundle(args, rank: int) -> str | None:
+    """The eval bundle for --core-metric-every, or None (off, or no bundle: training goes on without CORE)."""
+    if args.core_metric_every <= 0:
+        return None
+    from nanochat.base_eval import locate_bundle  # base_eval imports this module: import it when asked for
+
+    bundle, why = locate_bundle(None, rank)
+    if bundle is None:
+        print0(f"--core-metric-every={args.core_metric_every}: CORE skipped during training: {why}")
+    return bundle
+
+
 def train(args, rank, world_size, device, reporter) -> dict:
     user_config, master = vars(args).copy(), rank == 0
     autocast = autocast_for(device, args.dtype)
@@ -170,6 +187,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         loop_state = meta["loop_state"]
         val_bpb = meta.get("val_bpb")
         print0(f"resumed from {checkpoint_dir} step {step}")
+    start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
 
     use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
@@ -190,8 +208,16 @@ def train(args, rank, world_size, device, reporter) -> dict:
     tok_per_sec = flops_per_sec = mfu = 0.0
     peak = gpu_peak_flops(device)
     samples: list[str] = []
+    core_bundle = core_eval_bundle(args, rank)
     while True:
         last_step = step == num_iterations
+        core = None
+        if core_bundle and start_step < step < num_iterations and step % args.core_metric_every == 0:
+            core = evaluate_core(model, tokenizer, device, core_bundle, args.core_metric_max_per_task,
+                                 autocast=autocast)
+            print0(f"step {step:05d} | {core['core_label']} {core['core']:.4f}")
+            reporter.metrics(step, core=core["core"], core_label=core["core_label"],
+                             tokens_seen=step * args.total_batch_size)
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
@@ -208,14 +234,17 @@ def train(args, rank, world_size, device, reporter) -> dict:
             for s in samples:
                 print0(f"  sample: {s!r}")
             model.train()
-        if last_step or (args.save_every > 0 and step % args.save_every == 0 and step > 0):
+        if last_step or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
             loop_state.update(smooth_train_loss=smooth_loss, total_training_time=total_time)
             meta = {
                 "step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": user_config,
                 "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
                 "total_batch_size": args.total_batch_size, "world_size": world_size,
                 **loader_states_meta(state_before_xy), "loop_state": loop_state,
+                "num_iterations": num_iterations, "final": last_step,
             }
+            if core is not None:
+                meta["core"] = core
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)
         if last_step:

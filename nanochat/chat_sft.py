@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--data-dir", default=None, help="local task data (default: hub, else shared data)")
     p.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of this tag")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (implies --resume)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-every", type=int, default=1)
     return check_ranges(
@@ -121,11 +122,15 @@ def train(args, rank, world_size, device, reporter) -> dict:
     step, loader_state, val_loss = 0, None, None
     # Tokens of the examples trained on: every rank's up to the step resumed from, then this rank's own since.
     tokens_before, local_tokens = 0, 0
-    if args.resume:
-        # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.
-        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size)
+    if args.resume or args.resume_from_step >= 0:
+        # The last complete step unless one is named (a kill mid-save leaves a newer, partial one); each rank its
+        # own data position.
+        from_step = args.resume_from_step if args.resume_from_step >= 0 else None
+        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size,
+                                                   from_step)
         val_loss, tokens_before = meta.get("val_loss"), int(meta.get("tokens_seen") or 0)
         print0(f"resumed SFT from {checkpoint_dir} step {step}")
+    start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
     train_loader = SFTBatchLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
 
     losses: list[float] = []
@@ -140,12 +145,13 @@ def train(args, rank, world_size, device, reporter) -> dict:
             print0(f"step {step:05d} | val loss {val_loss:.4f}")
             reporter.metrics(step, val_loss=val_loss)
             model.train()
-        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             tokens_seen = tokens_before + sum_over_ranks(local_tokens, device)
             meta = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen,
                     "model_config": model.config.to_dict(), "user_config": vars(args), "world_size": world_size,
                     "source": args.source, "source_step": source_meta.get("step"),
-                    **loader_states_meta(train_loader.state_dict())}
+                    **loader_states_meta(train_loader.state_dict()), "num_iterations": num_iterations,
+                    "final": last_step}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)
         if last_step:

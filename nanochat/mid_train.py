@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--data-dir", default=None, help="local task data (default: hub, else shared data)")
     p.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
+    p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (implies --resume)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-every", type=int, default=1)
     return check_ranges(
@@ -92,11 +93,15 @@ def train(args, rank, world_size, device, reporter) -> dict:
     tag = args.model_tag or f"d{model.config.n_layer}"
     checkpoint_dir = checkpoint_dir_for("mid", tag)
     step, loader_state, val_bpb = 0, None, None
-    if args.resume:
-        # The last complete step (a kill mid-save leaves a newer, partial one); each rank its own data position.
-        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size)
+    if args.resume or args.resume_from_step >= 0:
+        # The last complete step unless one is named (a kill mid-save leaves a newer, partial one); each rank its
+        # own data position.
+        from_step = args.resume_from_step if args.resume_from_step >= 0 else None
+        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size,
+                                                   from_step)
         val_bpb = meta.get("val_bpb")
         print0(f"resumed mid-training from {checkpoint_dir} step {step}")
+    start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
 
     train_set, val_set = mid_train_mixture(args.data_dir, seed=args.seed), mid_train_val(args.data_dir)
     print0(f"mixture: {len(train_set):,} conversations; val: {len(val_set):,}; grad accumulation {accum_steps}")
@@ -129,10 +134,11 @@ def train(args, rank, world_size, device, reporter) -> dict:
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             reporter.metrics(step, val_bpb=val_bpb)
             model.train()
-        if last_step or (args.save_every > 0 and step > 0 and step % args.save_every == 0):
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
             meta = {"step": step, "val_bpb": val_bpb, "model_config": model.config.to_dict(),
                     "user_config": vars(args), "world_size": world_size, "base_checkpoint_step": base_meta.get("step"),
-                    **loader_states_meta(state_before_xy), "progress": progress()}
+                    **loader_states_meta(state_before_xy), "progress": progress(), "final": last_step,
+                    "num_iterations": args.num_iterations if args.num_iterations > 0 else None}
             save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
                             meta, rank=rank)
         if last_step:

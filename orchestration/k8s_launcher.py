@@ -1,10 +1,10 @@
 """
 Launch nanochat's training entry points as Kubernetes pods through Dagster Pipes (dagster-k8s `PipesK8sClient`).
 
-`K8sTorchrunLauncher` is the cluster twin of `TorchrunLauncher`: the same `run(context, module, args, nproc, env)`
-returning (reported result, progress messages, wall seconds), so the training assets take either as their
-`launcher` resource. Each stage is one pod with one container running torchrun over the pod's GPUs; rank 0 writes
-its Pipes messages to stderr, which the client reads back from the pod's log.
+`K8sTorchrunLauncher` is the cluster twin of `TorchrunLauncher`: both are `Launcher`s (orchestration/launcher.py),
+sharing `run(context, module, args, nproc, env)` with its result handling and failure messages, so the training
+assets take either as their `launcher` resource. Each stage is one pod with one container running torchrun over the
+pod's GPUs; rank 0 writes its Pipes messages to stderr, which the client reads back from the pod's log.
 
 The pod's filesystem is not the Dagster host's. The run directory the asset prepared (inputs fetched, checkpoints
 expected) reaches the pod through a shared PersistentVolumeClaim (`workspace_claim`) mounted at `base_dir`;
@@ -24,7 +24,6 @@ import posixpath
 import re
 import secrets
 import shlex
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,7 +35,7 @@ from kubernetes.utils import parse_quantity
 from pydantic import field_validator, model_validator
 from urllib3.exceptions import HTTPError
 
-from orchestration.launcher import rendezvous_args, reported_exception
+from orchestration.launcher import Launcher, LaunchFailed, rendezvous_args
 
 # Kubernetes object names (Secrets, ServiceAccounts, claims, namespaces) are DNS-1123 subdomains.
 _K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -105,7 +104,7 @@ class Toleration(dg.Config):
         return {k: v for k, v in self.model_dump().items() if v}
 
 
-class K8sTorchrunLauncher(dg.ConfigurableResource):
+class K8sTorchrunLauncher(Launcher):
     """Run a training stage as a pod: torchrun over `gpus_per_pod` GPUs, reporting back through Dagster Pipes."""
 
     image: str  # must contain this repository's nanochat package, torch with CUDA, and dagster-pipes
@@ -329,9 +328,8 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
                               kubeconfig_file=self.kubeconfig_file or None, kube_context=self.kube_context or None,
                               poll_interval=self.poll_interval_seconds)
 
-    def run(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
-            env: dict[str, str]) -> tuple[dict, list[dict], float]:
-        """Run to completion in a pod; return (reported result metadata, progress messages, wall seconds)."""
+    def launch(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
+               env: dict[str, str]) -> dg.PipesClientCompletedInvocation:
         rendezvous = rendezvous_name(module, context.run.run_id) if self.nnodes > 1 else ""
         spec = self.pod_spec(module, args, nproc, env, 0, rendezvous)
         validate_pod_spec(spec)  # a malformed spec fails here, not as an API error after the asset has started
@@ -342,35 +340,33 @@ class K8sTorchrunLauncher(dg.ConfigurableResource):
         if 0 < nproc < self.gpus_per_pod:
             context.log.warning(f"{nproc} process(es) on a pod holding {self.gpus_per_pod} GPUs: the rest sit idle")
         context.log.info(f"launching {self.nnodes} pod(s) in namespace {self.namespace} ({self.image}): {command}")
-        t0 = time.time()
         peers = _Peers(self, context, rendezvous, workers)
         try:
             peers.start()
-            invocation = self.client().run(context=context, namespace=self.namespace, base_pod_spec=spec,
-                                           base_pod_meta={"labels": {RENDEZVOUS_LABEL: rendezvous}} if rendezvous
-                                           else None,
-                                           pod_wait_timeout=float(self.timeout_seconds),
-                                           delete_pod_on_completion=self.delete_pod_on_completion)
+            return self.client().run(context=context, namespace=self.namespace, base_pod_spec=spec,
+                                     base_pod_meta={"labels": {RENDEZVOUS_LABEL: rendezvous}} if rendezvous else None,
+                                     pod_wait_timeout=float(self.timeout_seconds),
+                                     delete_pod_on_completion=self.delete_pod_on_completion)
         except (DagsterK8sError, kubernetes.client.ApiException, kubernetes.config.ConfigException, HTTPError) as e:
             # DagsterK8sError: the pod failed or timed out (its message carries the container's log tail);
             # the others: the cluster refused the pod or could not be reached.
-            child_error = reported_exception(context)
-            raise dg.Failure(
-                description=f"{module} failed after {time.time() - t0:.0f}s on Kubernetes "
-                            f"(namespace {self.namespace}, image {self.image})."
-                            + (f" The child raised: {child_error}" if child_error else "")
-                            + f"\n{type(e).__name__}: {e}",
-                metadata={"command": command, "namespace": self.namespace, "image": self.image,
-                          "child_error": child_error or "not reported", "pod_error": str(e)},
-            ) from e
+            reason = ("the pod failed or timed out" if isinstance(e, DagsterK8sError)
+                      else "the cluster refused the pod or could not be reached")
+            raise LaunchFailed(reason, f"{type(e).__name__}: {e}",
+                               {"command": command, "namespace": self.namespace, "image": self.image,
+                                "pod_error": str(e)}) from e
         finally:
             peers.stop()
-        wall = time.time() - t0
-        result, messages = pipes_result(invocation, module)
+
+    def where(self) -> str:
+        return f" on Kubernetes (namespace {self.namespace}, image {self.image})"
+
+    def translate_result(self, result: dict, env: dict[str, str]) -> dict:
+        # e.g. checkpoint_dir: the pod's path of a file the asset reads next on the Dagster side
         host_dir = env.get("NANOCHAT_BASE_DIR")
-        if host_dir:  # e.g. checkpoint_dir: the pod's path of a file the asset reads next on the Dagster side
-            result = {k: _rebase(v, self.base_dir, host_dir) if isinstance(v, str) else v for k, v in result.items()}
-        return result, messages, wall
+        if not host_dir:
+            return result
+        return {k: _rebase(v, self.base_dir, host_dir) if isinstance(v, str) else v for k, v in result.items()}
 
     def core_api(self) -> kubernetes.client.CoreV1Api:
         """The Kubernetes API, reached the way PipesK8sClient reaches it (for the peers of a multi-node job)."""
@@ -468,16 +464,6 @@ def _ignore_missing(call) -> None:
     except kubernetes.client.ApiException as e:
         if e.status != 404:
             raise
-
-
-def pipes_result(invocation: dg.PipesClientCompletedInvocation, module: str) -> tuple[dict, list[dict]]:
-    """(the reported materialization metadata, the progress messages) of a finished Pipes invocation."""
-    result: dict = {}
-    for materialization in invocation.get_results():
-        result.update({k: v.value for k, v in (materialization.metadata or {}).items()})
-    if not result:
-        raise dg.Failure(f"{module} exited 0 but reported no result through Dagster Pipes")
-    return result, list(invocation.get_custom_messages())
 
 
 def validate_pod_spec(spec: dict[str, Any]) -> kubernetes.client.V1PodSpec:

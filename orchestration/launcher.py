@@ -1,6 +1,12 @@
 """
 Launch nanochat entry points as external processes through Dagster Pipes.
 
+`Launcher` is the interface the training and eval assets take (their `launcher` resource): `run(context, module,
+args, nproc, env)` returns (reported result, progress messages, wall seconds) and fails the step with one message
+shape for every launcher: what failed and after how long, where, the exception the child reported through Pipes,
+then the launcher's own details (the last log lines here, the pod's state on Kubernetes). Subclasses only start the
+process (`launch`), and say where it ran and how many ranks it spans (`world_size`, which resume fingerprints use).
+
 `TorchrunLauncher` runs `torchrun --standalone --nproc_per_node=N -m nanochat.<entry> ...` (plain `python -m`
 for one process) with `PipesSubprocessClient`: rank 0 streams progress messages and reports its result
 (checkpoint dir, step, losses, tok/s, MFU) back; other ranks never touch the Pipes channel. Cancelling the run
@@ -21,6 +27,7 @@ import shlex
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import dagster as dg
@@ -30,11 +37,71 @@ from pydantic import model_validator
 RDZV_BACKENDS = ("c10d", "static")
 
 
-class TorchrunLauncher(dg.ConfigurableResource):
+class LaunchFailed(Exception):
+    """Raised by `Launcher.launch`: the process failed; `reason` is one line, `details` and `metadata` extra."""
+
+    def __init__(self, reason: str, details: str = "", metadata: dict | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.details, self.metadata = reason, details, metadata or {}
+
+
+class Launcher(dg.ConfigurableResource, ABC):
+    """Runs a nanochat entry point to completion through Dagster Pipes; annotate assets with this type."""
+
+    nnodes: int = 1  # machines (or pods) one job spans
+
+    def world_size(self, nproc: int) -> int:
+        """The ranks of a job that runs `nproc` processes per node."""
+        return nproc * self.nnodes
+
+    @abstractmethod
+    def launch(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
+               env: dict[str, str]) -> dg.PipesClientCompletedInvocation:
+        """Start the job and wait for it; raise LaunchFailed when it fails."""
+
+    def where(self) -> str:
+        """Where the job runs, for a failure message (e.g. " on Kubernetes (namespace x, image y)")."""
+        return ""
+
+    def translate_result(self, result: dict, env: dict[str, str]) -> dict:
+        """Reported values as the Dagster side sees them (a pod's paths become the host's)."""
+        return result
+
+    def run(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
+            env: dict[str, str]) -> tuple[dict, list[dict], float]:
+        """Run to completion; return (reported result metadata, progress messages, wall seconds)."""
+        t0 = time.time()
+        try:
+            invocation = self.launch(context, module, args, nproc, env)
+        except LaunchFailed as e:
+            child_error = reported_exception(context)
+            raise dg.Failure(
+                description=f"{module} failed after {time.time() - t0:.0f}s{self.where()}: {e.reason}."
+                            + (f" The child raised: {child_error}" if child_error else "")
+                            + (f"\n{e.details}" if e.details else ""),
+                metadata={**e.metadata, "child_error": child_error or "not reported"},
+            ) from e.__cause__
+        wall = time.time() - t0
+        result, messages = pipes_result(invocation, module)
+        return self.translate_result(result, env), messages, wall
+
+
+def pipes_result(invocation: dg.PipesClientCompletedInvocation, module: str) -> tuple[dict, list[dict]]:
+    """(the reported materialization metadata, the progress messages) of a finished Pipes invocation."""
+    result: dict = {}
+    for materialization in invocation.get_results():
+        result.update({k: v.value for k, v in (materialization.metadata or {}).items()})
+    if not result:
+        raise dg.Failure(f"{module} exited 0 but reported no result through Dagster Pipes")
+    return result, list(invocation.get_custom_messages())
+
+
+class TorchrunLauncher(Launcher):
+    """torchrun (or plain python for one process) on this machine, through PipesSubprocessClient."""
+
     python: str = ""  # the interpreter for the children; default: this one
     termination_timeout_seconds: float = 20.0
     # Multi-node rendezvous (ignored when nnodes == 1, which runs `--standalone` on this machine alone).
-    nnodes: int = 1
     node_rank: int = 0  # this machine's place among the nnodes; Dagster normally launches node 0
     rdzv_endpoint: str = ""  # HOST:PORT of node 0, reachable from every node (c10d hosts its store there)
     rdzv_id: str = "nanochat"  # the job's name in the rendezvous: the same on every node, new for each job
@@ -71,9 +138,8 @@ class TorchrunLauncher(dg.ConfigurableResource):
                     "-m", module, *args]
         return [python, "-m", module, *args]
 
-    def run(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
-            env: dict[str, str]) -> tuple[dict, list[dict], float]:
-        """Run to completion; return (reported result metadata, progress messages, wall seconds)."""
+    def launch(self, context: dg.AssetExecutionContext, module: str, args: list[str], nproc: int,
+               env: dict[str, str]) -> dg.PipesClientCompletedInvocation:
         command = self.command(module, args, nproc)
         context.log.info(f"launching: {shlex.join(command)}")
         client = dg.PipesSubprocessClient(forward_termination=True,
@@ -81,28 +147,16 @@ class TorchrunLauncher(dg.ConfigurableResource):
         # Every rank tees its output here (nanochat.pipes), so a failure can show its last lines.
         log_dir = Path(env.get("NANOCHAT_BASE_DIR") or tempfile.mkdtemp(prefix="nanochat-logs-")) / "logs"
         log_file = log_dir / f"{module.rsplit('.', 1)[-1]}-{int(time.time())}.log"
-        t0 = time.time()
         try:
-            invocation = client.run(context=context, command=command, env={**env, "NANOCHAT_LOG_FILE": str(log_file)})
+            return client.run(context=context, command=command, env={**env, "NANOCHAT_LOG_FILE": str(log_file)})
         except DagsterPipesExecutionError as e:
-            child_error = reported_exception(context)
             tail = log_tail(log_file)
-            raise dg.Failure(
-                description=f"{module} failed after {time.time() - t0:.0f}s: {e}."
-                            + (f" The child raised: {child_error}" if child_error else "")
-                            + (f"\nLast output lines:\n{tail}" if tail else "")
-                            + "\nThe full stdout/stderr are in this step's compute logs.",
-                metadata={"command": shlex.join(command), "child_error": child_error or "not reported",
-                          "last_log_lines": dg.MetadataValue.text(tail or "none captured"),
-                          "log_files": str(log_dir)},
+            raise LaunchFailed(
+                str(e), (f"Last output lines:\n{tail}\n" if tail else "")
+                + "The full stdout/stderr are in this step's compute logs.",
+                {"command": shlex.join(command), "last_log_lines": dg.MetadataValue.text(tail or "none captured"),
+                 "log_files": str(log_dir)},
             ) from e
-        wall = time.time() - t0
-        result: dict = {}
-        for materialization in invocation.get_results():
-            result.update({k: v.value for k, v in (materialization.metadata or {}).items()})
-        if not result:
-            raise dg.Failure(f"{module} exited 0 but reported no result through Dagster Pipes")
-        return result, list(invocation.get_custom_messages()), wall
 
 
 def log_tail(log_file: Path, lines: int = 20) -> str:

@@ -22,7 +22,7 @@ _TINY = dict(
     eval_every=40, eval_tokens=65536,
     mid_iterations=40, mid_device_batch_size=16, sft_iterations=40, sft_device_batch_size=4, sft_examples_per_step=8,
     core_max_per_task=20, chat_max_per_task=16, chat_max_new_tokens=64, chat_num_samples=1, chat_temperature=0.0,
-    promotion_tolerance=0.02,
+    promotion_tolerance=0.02, save_every=40, core_every=0, keep_resume_points=False,
 )
 _SPEEDRUN = dict(
     device_type="cuda", nproc_per_node=8, corpus="fineweb", num_shards=240,
@@ -31,7 +31,7 @@ _SPEEDRUN = dict(
     eval_every=250, eval_tokens=20 * 524288,
     mid_iterations=-1, mid_device_batch_size=32, sft_iterations=-1, sft_device_batch_size=4, sft_examples_per_step=32,
     core_max_per_task=-1, chat_max_per_task=-1, chat_max_new_tokens=512, chat_num_samples=1, chat_temperature=0.0,
-    promotion_tolerance=0.01,
+    promotion_tolerance=0.01, save_every=500, core_every=2000, keep_resume_points=False,
 )
 PROFILES: dict[str, dict] = {
     "tiny": _TINY,
@@ -76,6 +76,11 @@ class RunProfile(dg.ConfigurableResource):
     chat_num_samples: int | None = None  # samples per problem (pass@k when > 1)
     chat_temperature: float | None = None  # 0: greedy
     promotion_tolerance: float | None = None  # how far CORE / ChatCORE may fall below the promoted model's
+    # Resume points (orchestration/resume.py): save and publish every N training steps (0: only the final step);
+    # CORE of the base model every N steps, a multiple of save_every (0: off); keep them after the stage completes.
+    save_every: int | None = None
+    core_every: int | None = None
+    keep_resume_points: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RunProfile:
@@ -93,6 +98,11 @@ class RunProfile(dg.ConfigurableResource):
         for key in ("base_iterations", "mid_iterations", "sft_iterations"):
             if s[key] == 0 or s[key] < -1:
                 raise ValueError(f"profile {name}: {key} must be -1 (the default horizon) or positive, got {s[key]}")
+        if s["save_every"] < 0 or s["core_every"] < 0:
+            raise ValueError(f"profile {name}: save_every and core_every must be >= 0 (0: off)")
+        if s["core_every"] and (not s["save_every"] or s["core_every"] % s["save_every"]):
+            raise ValueError(f"profile {name}: core_every={s['core_every']} must be a multiple of save_every="
+                             f"{s['save_every']} (CORE scores the published steps)")
         if s["num_shards"] < -1:
             raise ValueError(f"profile {name}: num_shards must be -1 (all), 0 (corpus without shards) or positive, "
                              f"got {s['num_shards']}")

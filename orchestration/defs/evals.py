@@ -17,7 +17,7 @@ import dagster as dg
 
 from orchestration import eval_store
 from orchestration.defs.resources import ArtifactStore, EvalHistory
-from orchestration.launcher import TorchrunLauncher
+from orchestration.launcher import Launcher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
     PHASE_DIRS,
@@ -46,7 +46,7 @@ def samples_md(samples: list) -> str:
     return "\n".join(one(s) for s in samples)
 
 
-def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile, launcher: TorchrunLauncher):
+def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile, launcher: Launcher):
     settings = profile.settings()
     return launcher.run(context, module, [*args, f"--device-type={settings['device_type']}"],
                         settings["nproc_per_node"], nanochat_env(run_dir))
@@ -55,7 +55,7 @@ def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile
 @dg.asset(group_name="evaluation", code_version="1", deps=["base_checkpoint", "tokenizer", "raw_shards"], pool="gpu",
           kinds={"pytorch", "duckdb"})
 def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: EvalHistory) -> dg.MaterializeResult:
+              artifacts: ArtifactStore, launcher: Launcher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """CORE (the DCLM in-context suite, centred accuracy), train/val bits per byte and samples of the base model."""
     s = profile.settings()
     tag = profile.model_tag
@@ -110,7 +110,7 @@ def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
 @dg.asset(group_name="evaluation", code_version="1", deps=["mid_checkpoint", "sft_checkpoint", "tokenizer"],
           pool="gpu", kinds={"pytorch", "duckdb"})
 def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-              artifacts: ArtifactStore, launcher: TorchrunLauncher, duckdb: EvalHistory) -> dg.MaterializeResult:
+              artifacts: ArtifactStore, launcher: Launcher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """ChatCORE (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee) of the mid and SFT checkpoints."""
     s = profile.settings()
     tag = profile.model_tag

@@ -30,7 +30,7 @@ from dagster_duckdb import DuckDBResource
 
 from orchestration import artifact_store as store
 from orchestration import eval_store, home
-from orchestration.launcher import TorchrunLauncher
+from orchestration.launcher import Launcher, TorchrunLauncher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, git_sha
 
@@ -66,7 +66,7 @@ class EvalHistory(DuckDBResource):
                 started_at=started)
 
 
-def launcher() -> dg.ConfigurableResource:
+def launcher() -> Launcher:
     kind = os.environ.get("NANOCHAT_LAUNCHER", "local")
     if kind == "local":
         return TorchrunLauncher()

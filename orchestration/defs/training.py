@@ -10,8 +10,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from orchestration import resume
 from orchestration.defs.resources import ArtifactStore, EvalHistory
-from orchestration.launcher import TorchrunLauncher
+from orchestration.launcher import Launcher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
     PHASE_DIRS,
@@ -26,7 +27,7 @@ from orchestration.workspace import (
 
 
 def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[str, str], profile: RunProfile,
-                workspace: Workspace, artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                workspace: Workspace, artifacts: ArtifactStore, launcher: Launcher,
                 duckdb: EvalHistory) -> dg.MaterializeResult:
     """Fetch inputs ({asset: phase dir or 'tokenizer'}), train, publish; return the asset's metadata."""
     settings = profile.settings()
@@ -35,13 +36,25 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     fetched = fetch_inputs(context, artifacts, inputs, run_dir, tag)
     lineage = {f"{asset}_sha256": meta["sha256"] for asset, meta in fetched.items()}
 
-    result, messages, wall = launcher.run(context, module, [*args, f"--device-type={settings['device_type']}"],
-                                          settings["nproc_per_node"], nanochat_env(run_dir))
+    # Resume points (orchestration/resume.py): restore the newest one of this lineage, publish new ones as they land.
+    args = [*args, f"--device-type={settings['device_type']}", *resume.stage_args(stage, settings)]
+    points = resume.points_for(context, artifacts, profile, stage, module, args, lineage,
+                               launcher.world_size(settings["nproc_per_node"]), run_dir / PHASE_DIRS[stage] / tag)
+    with retry_on_store_faults():
+        resumed = resume.resume_args(points, context.log)
+    on_published = resume.core_recorder(lambda checkpoint, scores: duckdb.record(context, profile, stage, checkpoint,
+                                                                                 scores),
+                                        settings["total_batch_size"]) if stage == "base" else None
+    with resume.publishing(points, run_dir / "publish-resume", context.log, on_published):
+        result, messages, wall = launcher.run(context, module, [*args, *resumed], settings["nproc_per_node"],
+                                              nanochat_env(run_dir))
     step = int(result["step"])
     checkpoint_dir = Path(result["checkpoint_dir"])
     with retry_on_store_faults():  # a retry re-trains: publishing is the step's last act, so that is rare
         info = publish_checkpoint(artifacts, checkpoint_dir, step, f"{stage}_checkpoint/{profile.name.value}/{tag}/"
                                   f"{context.run.run_id}", run_dir / "publish")
+    if not settings["keep_resume_points"]:
+        resume.clear(points, context.log)
     curve = result.get("loss_curve") or []
     metadata = {
         "key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size, "step": step,
@@ -71,7 +84,7 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
 @dg.asset(group_name="training", code_version="1", deps=["raw_shards", "tokenizer"], pool="gpu",
           kinds={"pytorch"})
 def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-                    artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                    artifacts: ArtifactStore, launcher: Launcher,
                     duckdb: EvalHistory) -> dg.MaterializeResult:
     """Pretrain the base model on the shards (nanochat.base_train)."""
     s = profile.settings()
@@ -88,7 +101,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, work
 @dg.asset(group_name="training", code_version="1", deps=["base_checkpoint", "tokenizer"], pool="gpu",
           kinds={"pytorch"})
 def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-                   artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                   artifacts: ArtifactStore, launcher: Launcher,
                    duckdb: EvalHistory) -> dg.MaterializeResult:
     """Mid-train on the conversation mixture (nanochat.mid_train)."""
     s = profile.settings()
@@ -102,7 +115,7 @@ def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, works
 @dg.asset(group_name="training", code_version="1", deps=["mid_checkpoint", "tokenizer"], pool="gpu",
           kinds={"pytorch"})
 def sft_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
-                   artifacts: ArtifactStore, launcher: TorchrunLauncher,
+                   artifacts: ArtifactStore, launcher: Launcher,
                    duckdb: EvalHistory) -> dg.MaterializeResult:
     """Supervised fine-tuning with assistant-only loss (nanochat.chat_sft)."""
     s = profile.settings()
