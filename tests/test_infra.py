@@ -272,6 +272,12 @@ def test_helm_and_compose_instances_agree(helm):
     assert helm["postgresql"]["postgresqlScheme"] == instance["storage"]["postgres"]["postgres_db"]["scheme"]
     assert (helm["dagsterDaemon"]["runMonitoring"]["maxResumeRunAttempts"]
             == instance["run_monitoring"]["max_resume_run_attempts"] == 0)
+    # Preempted runs are retried (from failure, so the training stage resumes) a small number of times.
+    retries = helm["dagsterDaemon"]["runRetries"]
+    assert set(retries) <= {"enabled", "maxRetries", "retryOnAssetOrOpFailure"}
+    assert retries["enabled"] is instance["run_retries"]["enabled"] is True
+    assert 0 < retries["maxRetries"] == instance["run_retries"]["max_retries"] <= 3
+    assert retries["retryOnAssetOrOpFailure"] is instance["run_retries"]["retry_on_asset_or_op_failure"] is True
 
 
 def load_render_examples():
