@@ -11,6 +11,7 @@ run with a changed config in between must not resume.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ from nanochat.gpt import GPT, GPTConfig
 from orchestration import resume
 from orchestration.artifact_store import S3ArtifactStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:gql")]
 
 # tiny, shrunk: ~1k tokens a step on depth 2; saves every 4 steps, so the kill (after the save of step 8 is
@@ -120,6 +121,37 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
     watcher.publish_new()
     assert points.published_steps() == [8]
     assert resume.clear(points, _Log()) == 5 and points.published_steps() == []
+
+
+def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, tmp_path):
+    from nanochat import base_train
+    from orchestration import eval_store
+    from orchestration.artifact_store import LocalArtifactStore
+
+    # Real CORE (the shared eval bundle, 2 examples a task) at step 2 of 4, saved with that step.
+    base_train.main(["--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=8",
+                     "--total-batch-size=1024", "--eval-tokens=1024", "--eval-every=-1", "--sample-every=-1",
+                     "--device-type=cpu", "--num-iterations=4", "--save-every=2", "--core-metric-every=2",
+                     "--core-metric-max-per-task=2"])
+    checkpoint_dir = base_dir / "base_checkpoints" / "d2"
+    metas = {step: json.loads((checkpoint_dir / f"meta_{step:06d}.json").read_text()) for step in (2, 4)}
+    core = metas[2]["core"]
+    assert core["tasks_covered"] >= 1 and core["core_label"].startswith("CORE") and "core" not in metas[4]
+
+    # Publishing the step records its score: the resume point's sha256 as checkpoint id, its step, tokens seen.
+    points = resume.ResumePoints(LocalArtifactStore(root=str(tmp_path / "store")), "resume/tiny/base/x",
+                                 checkpoint_dir, 1)
+    db = tmp_path / "evals.duckdb"
+    watcher = resume.Watcher(points, tmp_path / "staging", _Log(), resume.core_recorder(str(db), "run-1", "tiny", 2,
+                                                                                        1024), poll_s=3600)
+    # The final step (4) is the stage's own checkpoint: the watcher leaves it, so publish step 2 as it found it.
+    (checkpoint_dir / "model_000004.pt").unlink()
+    watcher.publish_new()
+    assert watcher.last == 2
+    with eval_store.connect_ro(db) as conn:
+        rows = conn.execute("SELECT c.step, e.tokens_seen, e.metric, e.value FROM eval_results e JOIN checkpoints c "
+                            "USING (checkpoint_id) WHERE e.task = 'all'").fetchall()
+    assert rows == [(2, 2 * 1024, core["core_label"], pytest.approx(core["core"]))]
 
 
 class _Log:
