@@ -31,7 +31,7 @@ from test_webserver import RUN_EVENTS_QUERY, DagsterDev, launch_run, run_errors,
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from orchestration import resume
-from orchestration.artifact_store import S3ArtifactStore
+from orchestration.s3_store import S3ArtifactStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:gql")]
@@ -142,8 +142,14 @@ def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, t
     points = resume.ResumePoints(LocalArtifactStore(root=str(tmp_path / "store")), "resume/tiny/base/x",
                                  checkpoint_dir, 1)
     db = tmp_path / "evals.duckdb"
-    watcher = resume.Watcher(points, tmp_path / "staging", _Log(), resume.core_recorder(str(db), "run-1", "tiny", 2,
-                                                                                        1024), poll_s=3600)
+
+    def record(checkpoint: dict, scores: dict) -> int:  # what EvalHistory.record does for the asset's run
+        with eval_store.connect_rw(db) as conn:
+            return eval_store.record(conn, run_id="run-1", stage="base", checkpoint_id=checkpoint["sha256"],
+                                     step=checkpoint["step"], uri=checkpoint["uri"], profile="tiny", depth=2,
+                                     scores=scores, tokens_seen=checkpoint["tokens_seen"])
+
+    watcher = resume.Watcher(points, tmp_path / "staging", _Log(), resume.core_recorder(record, 1024), poll_s=3600)
     # The final step (4) is the stage's own checkpoint: the watcher leaves it, so publish step 2 as it found it.
     (checkpoint_dir / "model_000004.pt").unlink()
     watcher.publish_new()
