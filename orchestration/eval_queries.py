@@ -81,6 +81,29 @@ def history(
     return _rows(conn, sql, {"metric": metric, "task": task, "stage": stage, "last_n": last_n})
 
 
+def by_step(conn: duckdb.DuckDBPyConnection, metric: str = "CORE", task: str = "all", stage: str | None = None,
+            run_id: str | None = None) -> list[dict[str, Any]]:
+    """One run's results of a metric by training step, with the tokens seen at each (the latest run by default).
+
+    Base training with core_every records CORE for each published intermediate step (orchestration/resume.py):
+    this is that curve, followed by the final checkpoint's score.
+    """
+    sql = f"""
+        WITH picked AS (
+            SELECT * FROM eval_results
+            WHERE metric = $metric AND task = $task AND ($stage IS NULL OR stage = $stage)
+        ),
+        run AS (
+            SELECT coalesce($run_id, (SELECT run_id FROM picked ORDER BY recorded_at DESC, run_id DESC LIMIT 1))
+                AS run_id
+        )
+        SELECT {_RESULT_COLUMNS}
+        FROM picked e JOIN run USING (run_id) LEFT JOIN checkpoints c USING (run_id, stage, checkpoint_id)
+        ORDER BY e.stage, c.step, e.tokens_seen, e.recorded_at
+    """
+    return _rows(conn, sql, {"metric": metric, "task": task, "stage": stage, "run_id": run_id})
+
+
 def compare(conn: duckdb.DuckDBPyConnection, run_a: str, run_b: str, stage: str | None = None) -> list[dict[str, Any]]:
     """Each (stage, task, metric) of two runs side by side: a, b and delta = b - a (None where one is missing).
 

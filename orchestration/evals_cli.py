@@ -2,6 +2,7 @@
 nanochat-evals: read the eval history (see orchestration/eval_store.py) from the command line.
 
     nanochat-evals history [--metric CORE] [--task T] [--stage S] [-n 10]
+    nanochat-evals history --by-step [--run RUN]        one run's metric against its step and tokens seen
     nanochat-evals compare RUN_A RUN_B [--stage S]
     nanochat-evals best [--metric ChatCORE] [--by depth]
     nanochat-evals latest [--stage S] [--run RUN]
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task")
     p.add_argument("--stage", choices=es.STAGES)
     p.add_argument("-n", "--last", type=int, default=10, help="how many runs (default 10)")
+    p.add_argument("--by-step", action="store_true",
+                   help="one run (--run, default the latest) by training step, with tokens seen (core_every)")
+    p.add_argument("--run", dest="run_id", help="with --by-step: the run (an id or its prefix)")
     p.set_defaults(run=_history)
 
     p = sub.add_parser("compare", parents=[common], help="two runs side by side, with b - a")
@@ -109,6 +113,12 @@ Result = tuple[list[str], list[tuple]]
 
 def _history(conn: duckdb.DuckDBPyConnection, args: argparse.Namespace) -> Result:
     _known_metric(conn, args.metric)
+    if args.by_step:
+        run_id = eq.resolve_run(conn, args.run_id) if args.run_id else None
+        return _columns(eq.by_step(conn, metric=args.metric, task=args.task or es.AGGREGATE_TASK, stage=args.stage,
+                                   run_id=run_id))
+    if args.run_id:
+        raise ValueError("--run goes with --by-step (history without it spans the last N runs)")
     return _columns(eq.history(conn, metric=args.metric, task=args.task, stage=args.stage, last_n=args.last))
 
 

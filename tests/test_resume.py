@@ -123,9 +123,9 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
     assert resume.clear(points, _Log()) == 5 and points.published_steps() == []
 
 
-def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, tmp_path):
+def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, tmp_path, capsys):
     from nanochat import base_train
-    from orchestration import eval_store
+    from orchestration import eval_store, evals_cli
     from orchestration.artifact_store import LocalArtifactStore
 
     # Real CORE (the shared eval bundle, 2 examples a task) at step 2 of 4, saved with that step.
@@ -158,6 +158,14 @@ def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, t
         rows = conn.execute("SELECT c.step, e.tokens_seen, e.metric, e.value FROM eval_results e JOIN checkpoints c "
                             "USING (checkpoint_id) WHERE e.task = 'all'").fetchall()
     assert rows == [(2, 2 * 1024, core["core_label"], pytest.approx(core["core"]))]
+    # The final score lands beside it (base_eval's, here recorded by hand at step 4), and the CLI shows the curve.
+    record({"sha256": "f" * 64, "uri": "file:///final", "step": 4, "tokens_seen": 4 * 1024},
+           {eval_store.AGGREGATE_TASK: {core["core_label"]: core["core"] + 0.01}})
+    capsys.readouterr()  # training's own output
+    assert evals_cli.main(["--db", str(db), "--json", "history", "--by-step", "--metric", core["core_label"],
+                           "--run", "run-"]) == 0
+    curve = [(r["step"], r["tokens_seen"], r["value"]) for r in json.loads(capsys.readouterr().out)]
+    assert curve == [(2, 2048, pytest.approx(core["core"])), (4, 4096, pytest.approx(core["core"] + 0.01))]
 
 
 class _Log:
