@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat.checkpoint_manager import find_last_complete_step, meta_path, missing_files
+from nanochat.checkpoint_manager import find_last_complete_step, meta_path, missing_files, step_files, step_of
 from orchestration import eval_store
 from orchestration.artifact_store import MANIFEST_NAME, ArtifactInfo, ArtifactIntegrityError, ArtifactStore
 from orchestration.workspace import fetch_into, publish_checkpoint
@@ -110,12 +110,20 @@ class ResumePoints:
         return None
 
     def publish(self, step: int, staging: Path) -> ArtifactInfo:
-        """Publish a saved step with its optimizer shards, then drop the older points (the newest is enough)."""
+        """
+        Publish a saved step with its optimizer shards, then drop the older points, in the store and in the run
+        directory (the newest is enough; at d20 every save is ~4.7 GB, and a run saves ~40 times).
+        """
         info = publish_checkpoint(self.store, self.checkpoint_dir, step, step_key(self.prefix, step), staging,
                                   include_optimizer=True)
         for older in self.published_steps():
             if older < step:
                 self.store.delete_prefix(step_key(self.prefix, older))
+        for path in self.checkpoint_dir.glob("model_*.pt"):
+            older = step_of(path.name)
+            if older is not None and older < step:
+                for name in step_files(self.checkpoint_dir, older, include_optimizer=True):  # the model file first
+                    (self.checkpoint_dir / name).unlink(missing_ok=True)
         return info
 
 

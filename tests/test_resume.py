@@ -105,6 +105,8 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
     files = {k.rsplit("/", 1)[-1] for k in s3_store.list_keys(resume.step_key(points.prefix, 8))}
     assert files == {"model_000008.pt", "meta_000008.json", "optim_000008_rank0.pt", "optim_000008_rank1.pt",
                      "manifest.json"}
+    # The run directory keeps only what a resume still needs: step 4 is gone there too.
+    assert sorted(p.name for p in points.checkpoint_dir.iterdir()) == sorted(files - {"manifest.json"})
 
     # Another machine (a new run directory) restores the newest complete point, byte for byte.
     other = resume.ResumePoints(s3_store, points.prefix, tmp_path / "run2", 2)
