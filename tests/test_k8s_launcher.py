@@ -148,6 +148,16 @@ def test_unrunnable_requests_are_refused():
             "nanochat.base_train", [], 1, {"NANOCHAT_BASE_DIR": "/elsewhere/run"})
 
 
+def test_both_launchers_are_one_launcher_type():
+    from orchestration.launcher import Launcher, TorchrunLauncher
+
+    # The assets annotate `launcher: Launcher`: both implementations are one, with the same run() and world size.
+    k8s, local = K8sTorchrunLauncher(image="x", nnodes=2), TorchrunLauncher()
+    assert isinstance(k8s, Launcher) and isinstance(local, Launcher)
+    assert K8sTorchrunLauncher.run is TorchrunLauncher.run is Launcher.run
+    assert (k8s.world_size(8), local.world_size(8)) == (16, 8)  # what resume fingerprints count
+
+
 def test_client_gets_the_cluster_settings():
     client = K8sTorchrunLauncher(image="x", kubeconfig_file="/etc/kube/config", kube_context="gpu-cluster",
                                  poll_interval_seconds=2.5).client()
