@@ -132,7 +132,9 @@ def points_for(context, store: ArtifactStore, profile, stage: str, module: str, 
                inputs: dict[str, str], world_size: int, checkpoint_dir: Path) -> ResumePoints:
     """The resume points of a stage in this run's partition (its profile), for these inputs and this command."""
     partition = context.partition_key if context.has_partition_key else profile.name.value
-    key = prefix_for(partition, stage, fingerprint(module, args, inputs, world_size))
+    # The asset's code_version too: bumping it is how a change to the training code says "do not resume".
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    key = prefix_for(partition, stage, fingerprint(module, args, {**inputs, "code_version": code_version}, world_size))
     return ResumePoints(store, key, checkpoint_dir, world_size)
 
 

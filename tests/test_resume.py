@@ -82,6 +82,20 @@ def test_stage_args_follow_the_profile():
         "--save-every=500"]
 
 
+def test_profile_save_and_core_fields():
+    from orchestration.profiles import RunProfile
+
+    assert (RunProfile().settings()["save_every"], RunProfile().settings()["core_every"]) == (40, 0)
+    assert (RunProfile(name="d20").settings()["save_every"], RunProfile(name="d20").settings()["core_every"]) == (
+        500, 2000)
+    with pytest.raises(Exception, match="core_every=300 must be a multiple of save_every=500"):
+        RunProfile(name="d20", core_every=300)
+    with pytest.raises(Exception, match="must be a multiple of save_every=0"):
+        RunProfile(save_every=0, core_every=40)
+    with pytest.raises(Exception, match="save_every and core_every must be >= 0"):
+        RunProfile(save_every=-5)
+
+
 def save_step(checkpoint_dir: Path, step: int, world_size: int = 2) -> None:
     """A real saved step: a depth-1 model, an optimizer shard per rank, meta with the loader states."""
     torch.manual_seed(step)
