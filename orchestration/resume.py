@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -102,8 +103,9 @@ class ResumePoints:
                 log.warning(f"resume point step {step} is damaged, trying an older one: {e}")
                 continue
             missing = missing_files(self.checkpoint_dir, step, self.world_size)
-            if missing:
+            if missing:  # not loadable by this job: leave nothing of it where the entry point saves
                 log.warning(f"resume point step {step} lacks {', '.join(p.name for p in missing)}; trying an older one")
+                shutil.rmtree(self.checkpoint_dir)
                 continue
             self.restored = step
             return step, json.loads(meta_path(self.checkpoint_dir, step).read_text(encoding="utf-8"))

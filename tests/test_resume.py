@@ -130,6 +130,7 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
         assert (other.checkpoint_dir / name).read_bytes() == (points.checkpoint_dir / name).read_bytes()
     # A point lacking a rank's shard (published by a job of another world size) is not used.
     assert resume.ResumePoints(s3_store, points.prefix, tmp_path / "run3", 4).restore(_Log()) is None
+    assert not (tmp_path / "run3").exists()
     # The final step is the stage's own checkpoint, never a resume point.
     save_step(points.checkpoint_dir, 12)
     meta = points.checkpoint_dir / "meta_000012.json"
