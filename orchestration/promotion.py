@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestration.artifact_store import ArtifactStore
+from orchestration.artifact_store import ArtifactStore, validate_key
 
 LATEST_KEY = "promoted/latest.json"
 POINTER_VERSION = 1
@@ -27,16 +27,50 @@ def profile_key(profile: str, model_tag: str) -> str:
 
 
 def read_pointer(store: ArtifactStore, key: str = LATEST_KEY) -> dict[str, Any] | None:
-    """The pointer at key, or None when nothing was promoted there yet. A malformed pointer is an error."""
+    """The pointer at key, or None when nothing was promoted there yet. A malformed pointer is a ValueError naming
+    the file and the field, whatever the file holds (not JSON, a list, a checkpoint that is a string, ...)."""
     if not store.exists(key):
         return None
-    pointer = store.read_json(key)
-    fields = ("checkpoint", "tokenizer", "scores", "promoted_at")
-    missing = [k for k in fields if k not in pointer] if isinstance(pointer, dict) else list(fields)
-    if missing:
-        raise ValueError(f"{store.uri(key)} is not a promotion pointer (missing {missing}); re-materialize "
-                         "promoted_model to rewrite it")
+    where = store.uri(key)
+    try:
+        pointer = store.read_json(key)
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{where} is not a promotion pointer (not JSON: {e}); {_REWRITE}") from e
+    problem = _pointer_problem(pointer)
+    if problem:
+        raise ValueError(f"{where} is not a promotion pointer ({problem}); {_REWRITE}")
     return pointer
+
+
+_REWRITE = "re-materialize promoted_model to rewrite it"
+
+
+def _pointer_problem(pointer: Any) -> str | None:
+    if not isinstance(pointer, dict):
+        return f"a JSON {type(pointer).__name__}, not an object"
+    missing = [k for k in ("checkpoint", "tokenizer", "scores", "promoted_at") if k not in pointer]
+    if missing:
+        return f"missing {missing}"
+    for part in ("checkpoint", "tokenizer"):
+        ref = pointer[part]
+        if not isinstance(ref, dict) or not isinstance(ref.get("key"), str):
+            return f"{part!r} must be an object with a string 'key', got {_short(ref)}"
+        try:
+            validate_key(ref["key"])
+        except ValueError as e:
+            return f"{part}.key: {e}"
+        if not isinstance(ref.get("sha256", ""), str):
+            return f"{part}.sha256 must be a string, got {_short(ref['sha256'])}"
+    if not isinstance(pointer["scores"], dict):
+        return f"'scores' must be an object, got {_short(pointer['scores'])}"
+    if not isinstance(pointer["promoted_at"], str):
+        return f"'promoted_at' must be a string, got {_short(pointer['promoted_at'])}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else f"a JSON {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def write_pointer(store: ArtifactStore, pointer: dict[str, Any]) -> dict[str, str]:

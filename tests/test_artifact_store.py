@@ -541,3 +541,31 @@ def test_the_app_and_the_stores_import_no_dagster():
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"imported Dagster: {out.stdout}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The promotion pointer: whatever a pointer file holds, reading it gives the pointer or a ValueError naming it.
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "a JSON list, not an object"),
+    (b'{"checkpoint": {"key": "c"}}', "missing ['tokenizer', 'scores', 'promoted_at']"),
+    (b'{"checkpoint": "sft/x", "tokenizer": {"key": "t"}, "scores": {}, "promoted_at": "x"}',
+     "'checkpoint' must be an object with a string 'key', got 'sft/x'"),
+    (b'{"checkpoint": {"key": "../up"}, "tokenizer": {"key": "t"}, "scores": {}, "promoted_at": "x"}',
+     "checkpoint.key: invalid artifact key"),
+    (b'{"checkpoint": {"key": "c", "sha256": 5}, "tokenizer": {"key": "t"}, "scores": {}, "promoted_at": "x"}',
+     "checkpoint.sha256 must be a string, got 5"),
+    (b'{"checkpoint": {"key": "c"}, "tokenizer": {"key": "t"}, "scores": [], "promoted_at": "x"}',
+     "'scores' must be an object"),
+])
+def test_a_malformed_promotion_pointer_is_a_clear_error(tmp_path, content, problem):
+    from orchestration.promotion import LATEST_KEY, read_pointer
+
+    store = LocalArtifactStore(root=str(tmp_path / "store"))
+    assert read_pointer(store) is None
+    store.put_bytes(LATEST_KEY, content)
+    with pytest.raises(ValueError, match="latest.json is not a promotion pointer") as error:
+        read_pointer(store)
+    assert problem in str(error.value) and "re-materialize promoted_model" in str(error.value)
