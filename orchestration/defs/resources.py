@@ -58,12 +58,14 @@ class EvalHistory(DuckDBResource):
         run = context.instance.get_run_record_by_id(run_id)
         started = datetime.fromtimestamp(run.start_time, timezone.utc) if run and run.start_time else None
         settings = profile.settings()
+        # Code and config describe the run that trained: an eval in a later run leaves them as that run wrote them.
+        own = run_id == context.run.run_id
         with eval_store.connect_rw(self.database) as conn:
             return eval_store.record(
                 conn, run_id=run_id, stage=stage, checkpoint_id=checkpoint["sha256"], step=int(checkpoint["step"]),
                 uri=checkpoint["uri"], tokens_seen=checkpoint.get("tokens_seen"), scores=scores,
-                profile=profile.name.value, depth=settings["depth"], git_sha=git_sha(), config=settings,
-                started_at=started)
+                profile=profile.name.value, depth=settings["depth"], git_sha=git_sha() if own else None,
+                config=settings if own else None, started_at=started)
 
 
 def launcher() -> Launcher:
