@@ -47,6 +47,7 @@ TEMP_DIR_BYTES = 64 * 1024 * 1024  # all files together, where the temp dir can 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # RLIMIT_FSIZE: the temp dir may live on a RAM-backed /tmp
 KERNEL_LAYERS = ("netns", "tmpfs", "no-capabilities", "landlock", "seccomp")  # what stage 1 may report
 NO_KERNEL_LAYERS = "python-only"  # stage 1's argument that skips them all (tests only: nanochat/execution.py)
+_MAX_OPEN_FILES = 64
 _MAX_VIOLATION_CHARS = 1000  # a violation line stays far below PIPE_BUF, so it is written in one piece
 
 
@@ -468,6 +469,8 @@ def _set_limits(memory_bytes: int, timeout: float) -> None:
     cpu_seconds = math.ceil(timeout) + 1
     _lower_limit(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
     _lower_limit(resource.RLIMIT_CORE, 0)
+    # Few descriptors: each pipe can pin up to a MiB of kernel memory that the address-space limit does not see.
+    _lower_limit(resource.RLIMIT_NOFILE, _MAX_OPEN_FILES)
     # NPROC counts all of the user's processes and threads, so 0 forbids fork and threads; root ignores it.
     _lower_limit(resource.RLIMIT_NPROC, 0)
 

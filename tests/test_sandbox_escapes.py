@@ -474,6 +474,15 @@ ATTEMPTS = [
     attempt("memfd_posix_copy", "import posix; posix.memfd_create('x')", "blocked", "memfd_create"),
     attempt("mmap_600m_under_256m", "import mmap; mmap.mmap(-1, 600 * 2 ** 20).write(b'x' * 600 * 2 ** 20)",
             "error", "Cannot allocate memory"),
+    attempt("pipes_pin_kernel_memory", """
+        import fcntl, os
+        pipes = []
+        while True:
+            r, w = os.pipe()
+            fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: a MiB each
+            os.write(w, b'x' * 65536)
+            pipes.append((r, w))
+        """, "error", "Too many open files"),
     attempt("dev_shm_tmpfile", "import os; os.open('/dev/shm', os.O_TMPFILE | os.O_RDWR, 0o600)", "blocked"),
     # Reads that raise no audit event: refused by module (and by Landlock/bwrap beneath).
     attempt("ssl_load_verify_locations", "import ssl; ssl.create_default_context().load_verify_locations(SECRET_FILE)",
