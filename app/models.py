@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import torch
 
 from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
+from nanochat.common import default_dtype
 from nanochat.engine import Engine
 from nanochat.tokenizer import load_tokenizer
 from orchestration import eval_queries, eval_store
@@ -445,5 +447,8 @@ def describe(loaded: Loaded | None) -> str:
     config = loaded.model.config
     n = loaded.model.num_params()
     size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-    return f"{loaded.candidate.label()} · {config.n_layer} layers, {size} params, context {config.sequence_len}"
+    # The dtype replies are computed in: the app's autocast (app.chat) follows nanochat.common.default_dtype.
+    dtype = default_dtype(torch.device(loaded.device))
+    return (f"{loaded.candidate.label()} · {config.n_layer} layers, {size} params, context {config.sequence_len}, "
+            f"{dtype}")
 

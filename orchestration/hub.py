@@ -35,9 +35,10 @@ class SourceError(RuntimeError):
 
 @dataclass
 class Listing:
-    """The files of a source (relative POSIX path -> size in bytes) and the revision they were read at."""
+    """The files of a source (relative POSIX path -> size in bytes; -1 for anything but a regular file, None when
+    unknown) and the revision they were read at."""
 
-    files: dict[str, int]
+    files: dict[str, int | None]
     revision: str | None = None  # the hub commit sha; None for a directory or S3
     card: dict | None = field(default=None)  # the hub card's YAML metadata, when fetched
 
@@ -207,7 +208,8 @@ class HubSource(Source):
         except Exception as e:  # connection refused, DNS, timeout, hub down
             raise SourceError(unreachable_message(self.describe(), e)) from e
         self._sha = info.sha
-        files = {s.rfilename: int(s.size) if s.size is not None else -1 for s in info.siblings or []}
+        # A size the hub does not report is None: checked once the file is on disk.
+        files = {s.rfilename: int(s.size) if s.size is not None else None for s in info.siblings or []}
         return Listing(files, revision=info.sha)
 
     def _cached_listing(self) -> Listing:

@@ -58,7 +58,7 @@ def _join(directory: str, name: str) -> str:
     return f"{directory}/{name}" if directory else name
 
 
-def find_layout(files: dict[str, int], phase: str | None = None, step: int | None = None) -> Layout:
+def find_layout(files: dict[str, int | None], phase: str | None = None, step: int | None = None) -> Layout:
     """The checkpoint to import from a listing {relative path: size}. Raises LayoutError naming what is missing."""
     if phase is not None and phase not in IMPORT_PHASES:
         raise LayoutError(f"--phase must be one of {', '.join(IMPORT_PHASES)}, got {phase!r}")
@@ -131,6 +131,6 @@ def phase_from_meta(meta: dict) -> str | None:
     return None
 
 
-def _sample(files: dict[str, int], n: int = 12) -> str:
+def _sample(files: dict[str, int | None], n: int = 12) -> str:
     names = sorted(files)
     return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "") if names else "none"

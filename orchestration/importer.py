@@ -34,7 +34,7 @@ import torch
 from nanochat.checkpoint_manager import PHASE_DIRS, meta_path, model_path
 from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME
 from orchestration import eval_store, home
-from orchestration.artifact_store import ArtifactStore, artifact_store_from_url
+from orchestration.artifact_store import ArtifactStore, ArtifactStoreError, artifact_store_from_url
 from orchestration.hub import Source, SourceError, parse_source, read_card_metadata
 from orchestration.import_layout import IMPORT_PHASES, Layout, LayoutError, find_layout, phase_from_meta
 from orchestration.import_scores import card_scores, comparison_table, history_scores
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             store = artifact_store_from_url(args.artifacts or home.artifacts_url())
             result = import_checkpoint(req, store, db_path, Path(work))
-        except ImportErrors as e:
+        except (*ImportErrors, ArtifactStoreError, eval_store.DatabaseLockedError) as e:
             print(f"nanochat-import: error: {e}", file=sys.stderr)
             return 2
     print(f"imported {result['source']} ({result['phase']}, step {result['step']}, {result['num_params']:,} "

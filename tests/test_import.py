@@ -304,6 +304,16 @@ def test_unreachable_hub(target, monkeypatch):
     assert_refused(target, "hf:not a repo", SourceError, "expected hf:OWNER/REPO")
 
 
+def test_import_bench_prints_its_figures(capsys, shared_data):
+    from orchestration import import_bench
+
+    import_bench.main(["--depth", "1", "--vocab", "300", "--seq-len", "64", "--tokens", "4", "--train-chars",
+                       "100000"])
+    out = capsys.readouterr().out
+    assert "built d1:" in out and "import (verify + publish + record)" in out and "dtype float32" in out
+    assert "tok/s" in out and "peak RSS" in out
+
+
 # -----------------------------------------------------------------------------
 # The command line end to end: hub (offline) -> evaluate -> promote -> the app serves it
 
