@@ -103,6 +103,7 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     assert s3_object_sha256(store, results_key) == base["results_sha256"]
     chat = meta["chat_eval"]
     assert chat["chatcore_label"] == "ChatCORE" and chat["chatcore"] is not None and chat["chatcore_mid"] is not None
+    assert chat["chatcore_nosb"] is not None and "SpellingBee" in chat["chatcore_note"]
 
     # promoted_model points at the SFT checkpoint; the report card covers every stage.
     pointer = read_pointer(store)
@@ -117,8 +118,10 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     # DuckDB: aggregate and per-task rows for base, mid and sft.
     db = tmp_path / "evals.duckdb"
     with eval_store.connect_ro(db) as conn:
-        aggregates = conn.execute("SELECT stage, metric FROM eval_results WHERE task = 'all' ORDER BY stage").fetchall()
-        assert aggregates == [("base", "CORE[18/22]"), ("mid", "ChatCORE"), ("sft", "ChatCORE")]
+        aggregates = conn.execute("SELECT stage, metric FROM eval_results WHERE task = 'all' "
+                                  "ORDER BY stage, metric").fetchall()
+        assert aggregates == [("base", "CORE[18/22]"), ("mid", "ChatCORE"), ("mid", "ChatCORE-noSB"),
+                              ("sft", "ChatCORE"), ("sft", "ChatCORE-noSB")]
         per_task = conn.execute("SELECT count(DISTINCT task) FROM eval_results WHERE stage = 'sft' "
                                 "AND metric = 'accuracy'").fetchone()[0]
         assert per_task == 6

@@ -129,6 +129,9 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
         scores: dict[str, dict[str, float]] = {}
         if result.get("chatcore") is not None:
             scores[eval_store.AGGREGATE_TASK] = {result["chatcore_label"]: float(result["chatcore"])}
+        if result.get("chatcore_nosb") is not None:  # without our synthetic SpellingBee (nanochat/chat_eval.py)
+            scores.setdefault(eval_store.AGGREGATE_TASK, {})[result["chatcore_nosb_label"]] = float(
+                result["chatcore_nosb"])
         for task, t in (result.get("chat_tasks") or {}).items():
             scores[task] = {k: float(t[k]) for k in ("accuracy", "centered", "pass_at_k") if t.get(k) is not None}
         if scores:
@@ -148,6 +151,10 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
         metadata[f"{stage}_checkpoint_sha256"] = fetched[f"{stage}_checkpoint"]["sha256"]
     metadata["chatcore_label"] = results["sft"].get("chatcore_label")
     metadata["chatcore"] = results["sft"].get("chatcore")  # the model promotion cares about
+    if results["sft"].get("chatcore_nosb") is not None:
+        metadata["chatcore_nosb"] = results["sft"]["chatcore_nosb"]
+        metadata["chatcore_note"] = ("ChatCORE-noSB leaves out SpellingBee, which this project generates itself "
+                                     "(not the original's problems): compare that one with the original's numbers")
     missing = results["sft"].get("chat_missing") or {}
     metadata["chat_missing"] = dg.MetadataValue.json(missing) if missing else "none"
     if tasks:
