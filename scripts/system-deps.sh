@@ -31,3 +31,9 @@ if ! { command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>
         && ! command -v docker-compose >/dev/null 2>&1; then
     apt_install --no-install-recommends docker-compose
 fi
+echo "== buildah, debootstrap"
+# tests/test_image.py builds infra/Dockerfile with scripts/build_image.sh: buildah runs the RUN steps in a chroot (no
+# Docker daemon or OCI runtime needed), and debootstrap makes a Debian base where no container registry answers.
+if ! command -v buildah >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+    apt_install buildah debootstrap
+fi
