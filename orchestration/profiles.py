@@ -1,8 +1,11 @@
 """
-Run profiles: named sets of settings for every stage, chosen per run in the launchpad (resources.profile.config),
-with any single field overridable.
+Run profiles: named sets of settings for every stage. The profile is the run's partition (orchestration.partitions):
+materializing partition `d20` trains with the d20 settings, and its stages only ever read d20 upstreams. Any single
+field is overridable per run in the launchpad (resources.profile.config); the profile itself is not, the partition
+chooses it.
 
     tiny   CPU, minutes: 4k vocab, depth 4, a few hundred steps on a small public-domain corpus
+    tiny2  tiny at depth 2: a second CPU profile, so two lineages can be trained side by side in minutes
     d20    the speedrun: 8 GPUs, 240 FineWeb-Edu shards, vocab 65,536, depth 20 (~561M parameters)
     d26    ~1.1B parameters, 450 shards
     d32    ~1.9B parameters, 800 shards (the original's $800 tier)
@@ -35,6 +38,7 @@ _SPEEDRUN = dict(
 )
 PROFILES: dict[str, dict] = {
     "tiny": _TINY,
+    "tiny2": {**_TINY, "depth": 2},
     "d20": _SPEEDRUN,
     "d26": {**_SPEEDRUN, "depth": 26, "num_shards": 450, "device_batch_size": 16, "mid_device_batch_size": 16},
     "d32": {**_SPEEDRUN, "depth": 32, "num_shards": 800, "device_batch_size": 8, "mid_device_batch_size": 8},
@@ -43,15 +47,20 @@ PROFILES: dict[str, dict] = {
 
 class ProfileName(str, Enum):
     tiny = "tiny"
+    tiny2 = "tiny2"
     d20 = "d20"
     d26 = "d26"
     d32 = "d32"
 
 
 class RunProfile(dg.ConfigurableResource):
-    """The profile of a run. Leave a field unset (None) to take the profile's value."""
+    """
+    The profile of a run: which profile (the partition key) and the run's overrides. Leave a field unset (None)
+    to take the profile's value. Assets call `for_partition(context.partition_key)`; `name` exists for code that
+    runs outside a partitioned run (launchers, examples) and, when set in a run's config, must equal the partition.
+    """
 
-    name: ProfileName = ProfileName.tiny
+    name: ProfileName | None = None
     device_type: str | None = None  # cpu | cuda | mps
     nproc_per_node: int | None = None
     corpus: str | None = None  # shakespeare | shared | fineweb | local:<dir> | store:<key prefix>
@@ -84,56 +93,87 @@ class RunProfile(dg.ConfigurableResource):
 
     @model_validator(mode="after")
     def _check(self) -> RunProfile:
-        s, name = self.settings(), self.name.value
-        if s["device_type"] not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"profile {name}: device_type must be cpu, cuda or mps, got {s['device_type']!r}")
-        for key in ("nproc_per_node", "vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size",
-                    "tok_max_chars", "sft_device_batch_size", "sft_examples_per_step", "mid_device_batch_size"):
-            if s[key] <= 0:
-                raise ValueError(f"profile {name}: {key} must be positive, got {s[key]}")
-        for key in ("core_max_per_task", "chat_max_per_task"):
-            if s[key] == 0 or s[key] < -1:
-                raise ValueError(f"profile {name}: {key} must be -1 (all examples) or positive, got {s[key]}")
-        # 0 would not fail: base_train would silently size the run from its tokens:params ratio instead.
-        for key in ("base_iterations", "mid_iterations", "sft_iterations"):
-            if s[key] == 0 or s[key] < -1:
-                raise ValueError(f"profile {name}: {key} must be -1 (the default horizon) or positive, got {s[key]}")
-        if s["save_every"] < 0 or s["core_every"] < 0:
-            raise ValueError(f"profile {name}: save_every and core_every must be >= 0 (0: off)")
-        if s["core_every"] and (not s["save_every"] or s["core_every"] % s["save_every"]):
-            raise ValueError(f"profile {name}: core_every={s['core_every']} must be a multiple of save_every="
-                             f"{s['save_every']} (CORE scores the published steps)")
-        if s["num_shards"] < -1:
-            raise ValueError(f"profile {name}: num_shards must be -1 (all), 0 (corpus without shards) or positive, "
-                             f"got {s['num_shards']}")
-        if s["eval_tokens"] <= 0:
-            raise ValueError(f"profile {name}: eval_tokens must be positive, got {s['eval_tokens']}")
-        if s["chat_temperature"] < 0:
-            raise ValueError(f"profile {name}: chat_temperature must be >= 0 (0: greedy), got {s['chat_temperature']}")
-        if s["chat_max_new_tokens"] <= 0 or s["chat_num_samples"] <= 0:
-            raise ValueError(f"profile {name}: chat_max_new_tokens and chat_num_samples must be positive")
-        if s["chat_num_samples"] > 1 and s["chat_temperature"] <= 0:
-            raise ValueError(f"profile {name}: chat_num_samples={s['chat_num_samples']} draws identical greedy "
-                             "samples; set chat_temperature > 0 (e.g. 0.7) for pass@k")
-        if not 0 <= s["promotion_tolerance"] < 1:
-            raise ValueError(f"profile {name}: promotion_tolerance must be in [0, 1), got {s['promotion_tolerance']}")
-        if s["vocab_size"] < 266:
-            raise ValueError(f"profile {name}: vocab_size must exceed 265 (256 bytes + 9 special tokens)")
-        per_step = s["device_batch_size"] * s["max_seq_len"] * s["nproc_per_node"]
-        if s["total_batch_size"] % per_step:
-            raise ValueError(f"profile {name}: total_batch_size={s['total_batch_size']} must be a multiple of "
-                             f"device_batch_size x max_seq_len x nproc_per_node = {per_step}")
-        corpus = s["corpus"]
-        if corpus not in ("shakespeare", "shared", "fineweb") and not corpus.startswith(("local:", "store:")):
-            raise ValueError(f"profile {name}: corpus must be shakespeare, shared, fineweb, local:<dir> or "
-                             f"store:<artifact key prefix>, got {corpus!r}")
-        return self
+        if self.name is not None:
+            validate(self.name.value, self.settings())
+            return self
+        # No profile yet (the partition chooses it at run time): refuse now what no profile could run; the rest
+        # is checked by for_partition, once the profile is known.
+        errors = []
+        for name, values in PROFILES.items():
+            try:
+                validate(name, {**values, **self.overrides()})
+                return self
+            except ValueError as e:
+                errors.append(e)
+        raise ValueError(f"{errors[0]} (no profile accepts it: {', '.join(PROFILES)})")
+
+    def overrides(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+
+    def for_partition(self, partition_key: str) -> RunProfile:
+        """This run's profile: the partition's settings with the run's overrides, validated for that profile."""
+        if partition_key not in PROFILES:
+            raise ValueError(f"partition {partition_key!r} is not a profile; pick one of {', '.join(PROFILES)}")
+        if self.name is not None and self.name.value != partition_key:
+            raise ValueError(f"the run config sets resources.profile.config.name={self.name.value!r} but the run "
+                             f"materializes partition {partition_key!r}: the partition chooses the profile, so leave "
+                             "name unset (or pick the partition you meant)")
+        return RunProfile(name=partition_key, **self.overrides())
 
     def settings(self) -> dict:
         """The profile's values with this run's overrides applied."""
-        overrides = {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
-        return {**PROFILES[self.name.value], **overrides}
+        if self.name is None:
+            raise ValueError("this RunProfile names no profile yet: the run's partition chooses it "
+                             "(use profile.for_partition(context.partition_key))")
+        return {**PROFILES[self.name.value], **self.overrides()}
 
     @property
     def model_tag(self) -> str:
         return f"d{self.settings()['depth']}"
+
+
+def validate(name: str, s: dict) -> None:
+    """Raise ValueError naming the field when settings s (of profile `name`) cannot run."""
+    if s["device_type"] not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"profile {name}: device_type must be cpu, cuda or mps, got {s['device_type']!r}")
+    for key in ("nproc_per_node", "vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size",
+                "tok_max_chars", "sft_device_batch_size", "sft_examples_per_step", "mid_device_batch_size"):
+        if s[key] <= 0:
+            raise ValueError(f"profile {name}: {key} must be positive, got {s[key]}")
+    for key in ("core_max_per_task", "chat_max_per_task"):
+        if s[key] == 0 or s[key] < -1:
+            raise ValueError(f"profile {name}: {key} must be -1 (all examples) or positive, got {s[key]}")
+    # 0 would not fail: base_train would silently size the run from its tokens:params ratio instead.
+    for key in ("base_iterations", "mid_iterations", "sft_iterations"):
+        if s[key] == 0 or s[key] < -1:
+            raise ValueError(f"profile {name}: {key} must be -1 (the default horizon) or positive, got {s[key]}")
+    if s["save_every"] < 0 or s["core_every"] < 0:
+        raise ValueError(f"profile {name}: save_every and core_every must be >= 0 (0: off)")
+    if s["core_every"] and (not s["save_every"] or s["core_every"] % s["save_every"]):
+        raise ValueError(f"profile {name}: core_every={s['core_every']} must be a multiple of save_every="
+                         f"{s['save_every']} (CORE scores the published steps)")
+    if s["num_shards"] < -1:
+        raise ValueError(f"profile {name}: num_shards must be -1 (all), 0 (corpus without shards) or positive, "
+                         f"got {s['num_shards']}")
+    if s["eval_tokens"] <= 0:
+        raise ValueError(f"profile {name}: eval_tokens must be positive, got {s['eval_tokens']}")
+    if s["chat_temperature"] < 0:
+        raise ValueError(f"profile {name}: chat_temperature must be >= 0 (0: greedy), got {s['chat_temperature']}")
+    if s["chat_max_new_tokens"] <= 0 or s["chat_num_samples"] <= 0:
+        raise ValueError(f"profile {name}: chat_max_new_tokens and chat_num_samples must be positive")
+    if s["chat_num_samples"] > 1 and s["chat_temperature"] <= 0:
+        raise ValueError(f"profile {name}: chat_num_samples={s['chat_num_samples']} draws identical greedy "
+                         "samples; set chat_temperature > 0 (e.g. 0.7) for pass@k")
+    if not 0 <= s["promotion_tolerance"] < 1:
+        raise ValueError(f"profile {name}: promotion_tolerance must be in [0, 1), got {s['promotion_tolerance']}")
+    if s["vocab_size"] < 266:
+        raise ValueError(f"profile {name}: vocab_size must exceed 265 (256 bytes + 9 special tokens)")
+    per_step = s["device_batch_size"] * s["max_seq_len"] * s["nproc_per_node"]
+    if s["total_batch_size"] % per_step:
+        raise ValueError(f"profile {name}: total_batch_size={s['total_batch_size']} must be a multiple of "
+                         f"device_batch_size x max_seq_len x nproc_per_node = {per_step}")
+    corpus = s["corpus"]
+    if corpus not in ("shakespeare", "shared", "fineweb") and not corpus.startswith(("local:", "store:")):
+        raise ValueError(f"profile {name}: corpus must be shakespeare, shared, fineweb, local:<dir> or "
+                         f"store:<artifact key prefix>, got {corpus!r}")
+

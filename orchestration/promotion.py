@@ -1,10 +1,8 @@
 """
 The promotion pointer: a small JSON document in the artifact store naming the model the chat app should serve.
-
-    promoted/latest.json                    the most recently promoted model, whatever its profile
-    promoted/<profile>/<model tag>/latest.json   the promoted model of one profile and size (regression gates
-                                            compare a new model with this one)
-    promoted/history/<utc time>_<sha12>.json     every promotion ever made, never overwritten
+Three copies are written (keys in orchestration.keys): the global pointer (the latest promotion, whatever its
+profile), the profile's pointer (one per profile partition and size: regression gates compare a new model with
+it) and a history entry that is never overwritten.
 
 Each write is atomic (the store publishes a JSON object in one step), the history entry is written first and
 the global pointer last, so a reader never sees a pointer whose history is missing. The pointer only names
@@ -17,13 +15,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from orchestration.artifact_store import ArtifactStore, validate_key
+from orchestration.keys import LATEST_KEY, history_key, profile_pointer_key
 
-LATEST_KEY = "promoted/latest.json"
 POINTER_VERSION = 1
-
-
-def profile_key(profile: str, model_tag: str) -> str:
-    return f"promoted/{profile}/{model_tag}/latest.json"
 
 
 def read_pointer(store: ArtifactStore, key: str = LATEST_KEY) -> dict[str, Any] | None:
@@ -82,8 +76,8 @@ def write_pointer(store: ArtifactStore, pointer: dict[str, Any]) -> dict[str, st
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     pointer = {**pointer, "version": POINTER_VERSION, "promoted_at": pointer.get("promoted_at") or stamp}
     keys = {
-        "history": f"promoted/history/{stamp}_{pointer['checkpoint']['sha256'][:12]}.json",
-        "profile": profile_key(pointer["profile"], pointer["checkpoint"]["model_tag"]),
+        "history": history_key(stamp, pointer["checkpoint"]["sha256"]),
+        "profile": profile_pointer_key(pointer["profile"], pointer["checkpoint"]["model_tag"]),
         "latest": LATEST_KEY,
     }
     for key in keys.values():

@@ -21,6 +21,7 @@ import dagster as dg
 from nanochat.checkpoint_manager import PHASE_DIRS, step_files
 from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
 from orchestration.home import workspace_dir
+from orchestration.partitions import require_upstreams, upstream_metadata
 
 
 class Workspace(dg.ConfigurableResource):
@@ -38,18 +39,6 @@ class Workspace(dg.ConfigurableResource):
 def nanochat_env(run_dir: Path) -> dict[str, str]:
     """Environment for nanochat entry points working inside run_dir."""
     return {"NANOCHAT_BASE_DIR": str(run_dir), "NANOCHAT_DATA_DIR": str(run_dir / "base_data")}
-
-
-def upstream_metadata(context, asset_key: str) -> dict:
-    """
-    The metadata of an asset's latest materialization (its artifact key, sha256, step, ...), plus
-    `dagster_run_id`: the run that produced it. Evals key their history rows by that run, so re-evaluating a
-    checkpoint in a later run replaces its rows instead of adding a second set.
-    """
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset_key))
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"upstream asset {asset_key!r} has never been materialized; materialize it first")
-    return {**{k: v.value for k, v in event.asset_materialization.metadata.items()}, "dagster_run_id": event.run_id}
 
 
 def fetch_into(store: ArtifactStore, key: str, dest: Path) -> Path:
@@ -72,8 +61,10 @@ def fetch_inputs(context, store: ArtifactStore, inputs: dict[str, str], run_dir:
     """
     Fetch upstream artifacts into run_dir laid out as a nanochat base dir ({asset: directory}: checkpoints go
     under <phase dir>/<model tag>/, shards and the tokenizer directly under their directory). Returns
-    {asset: its upstream metadata}. A store fault retries the step.
+    {asset: its upstream metadata, from this run's partition}. A store fault retries the step; a missing upstream
+    fails it before anything is fetched.
     """
+    require_upstreams(context, list(inputs))
     fetched = {}
     for asset, where in inputs.items():
         dest = run_dir / where / model_tag if where in PHASE_DIRS.values() else run_dir / where

@@ -21,13 +21,15 @@ if [ "${NANOCHAT_EXECUTOR:-in_process}" = "in_process" ]; then
 else
     config='{}'
 fi
-.venv/bin/dagster asset materialize -m orchestration.definitions --select '*' --config-json "$config"
+# Every stage is partitioned by profile: this materializes the `tiny` partition (NANOCHAT_PROFILE picks another).
+profile=${NANOCHAT_PROFILE:-tiny}
+.venv/bin/dagster asset materialize -m orchestration.definitions --select '*' --partition "$profile" --config-json "$config"
 echo "== done in $(( $(date +%s) - start ))s"
 .venv/bin/python -m orchestration.run_summary
 echo
 echo "artifacts:      $NANOCHAT_ARTIFACTS"
-echo "promoted model: $NANOCHAT_ARTIFACTS/promoted/latest.json"
-echo "report card:    $(ls -t "$NANOCHAT_ARTIFACTS"/report/*/*/*/report.md 2>/dev/null | head -1)"
+echo "promoted model: $NANOCHAT_ARTIFACTS/promoted/latest.json (this profile's: promoted/$profile/)"
+echo "report card:    $(ls -t "$NANOCHAT_ARTIFACTS"/report/"$profile"/*/*/report.md 2>/dev/null | head -1)"
 echo "eval history:   $NANOCHAT_DUCKDB"
 .venv/bin/nanochat-evals --db "$NANOCHAT_DUCKDB" latest
 echo

@@ -440,8 +440,8 @@ def test_first_assets_materialize_on_the_postgres_instance(dagster_home, postgre
                NANOCHAT_ARTIFACT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     t0 = time.time()
     result = subprocess.run([sys.executable, "-m", "dagster", "asset", "materialize", "-m", "orchestration.definitions",
-                             "--select", "raw_shards,tokenizer", "-c", str(config)], capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=300)
+                             "--select", "raw_shards,tokenizer", "--partition", "tiny", "-c", str(config)],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     # The run, its materializations and its step logs are in Postgres (not in a SQLite file under DAGSTER_HOME).

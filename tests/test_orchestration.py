@@ -16,6 +16,7 @@ from orchestration.defs.resources import EvalHistory
 from orchestration.defs.tokenizer import tokenizer
 from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_checkpoint
 from orchestration.launcher import TorchrunLauncher
+from orchestration.partitions import PROFILE_PARTITIONS
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace
 
@@ -40,6 +41,10 @@ def test_definitions_load_with_every_stage():
                           "base_eval:core_not_regressed", "chat_eval:chatcore_not_regressed"}
     assert {s.name for s in definitions.sensors} == {"new_shards", "new_promoted_model"}
     assert {s.name for s in definitions.schedules} == {"weekly_retrain"}
+    # Every stage is partitioned by profile, the same partitions for all (lineage never crosses profiles).
+    for key in graph.get_all_asset_keys() - {dg.AssetKey("imported_checkpoint")}:  # imports: one per import name
+        assert graph.get(key).partitions_def is PROFILE_PARTITIONS, key
+    assert PROFILE_PARTITIONS.get_partition_keys() == ["tiny", "tiny2", "d20", "d26", "d32"]
 
 
 def test_bad_profile_is_a_clear_error():
@@ -50,13 +55,35 @@ def test_bad_profile_is_a_clear_error():
     assert RunProfile(name="d20").settings()["nproc_per_node"] == 8
 
 
+def test_the_partition_chooses_the_profile():
+    overrides = RunProfile(base_iterations=7)
+    assert overrides.for_partition("tiny2").settings()["depth"] == 2
+    assert overrides.for_partition("tiny").model_tag == "d4"
+    assert overrides.for_partition("d20").settings()["base_iterations"] == 7  # overrides apply to any partition
+    # No profile until the partition is known: asking for settings is an error, not a silent default.
+    with pytest.raises(ValueError, match="partition chooses it"):
+        overrides.settings()
+    # A name in the run config that contradicts the partition is refused, naming both.
+    with pytest.raises(ValueError, match="name='d20' but the run materializes partition 'tiny'"):
+        RunProfile(name="d20").for_partition("tiny")
+    assert RunProfile(name="tiny").for_partition("tiny").settings()["depth"] == 4
+    with pytest.raises(ValueError, match="not a profile"):
+        overrides.for_partition("d99")
+    # An override valid for some profiles is checked for the run's profile when the partition is known:
+    # 1024 tokens per step fits tiny's one CPU process but not d20's 8 GPUs x 32 x 2048.
+    small = RunProfile(total_batch_size=1024, device_batch_size=4, max_seq_len=256)
+    assert small.for_partition("tiny").settings()["total_batch_size"] == 1024
+    with pytest.raises(ValueError, match="profile d20: total_batch_size=1024 must be a multiple"):
+        small.for_partition("d20")
+
+
 def run_pipeline(tmp_path, shared_data, monkeypatch, store, selection=None, instance=None):
     monkeypatch.setenv("NANOCHAT_SHARED_DATA", str(shared_data))
     monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
     resources = {"artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
                  "profile": RunProfile(**FAST), "launcher": TorchrunLauncher(),
                  "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
-    return dg.materialize(ASSETS, resources=resources, selection=selection, instance=instance)
+    return dg.materialize(ASSETS, resources=resources, selection=selection, instance=instance, partition_key="tiny")
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
@@ -113,7 +140,8 @@ def test_child_crash_fails_the_asset_with_the_childs_error(tmp_path, shared_data
                  "workspace": Workspace(root=str(tmp_path / "work")),
                  "profile": RunProfile(**{**FAST, "device_type": "cuda"}), "launcher": TorchrunLauncher(),
                  "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
-    result = dg.materialize([raw_shards, tokenizer, base_checkpoint], resources=resources, raise_on_error=False)
+    result = dg.materialize([raw_shards, tokenizer, base_checkpoint], resources=resources, raise_on_error=False,
+                            partition_key="tiny")
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_key == "base_checkpoint"
@@ -141,6 +169,14 @@ def test_bad_profile_in_run_config_is_rejected_clearly(tmp_path):
     text = " ".join(str(e.event_specific_data.error.message) for e in result.all_events
                     if getattr(e.event_specific_data, "error", None) is not None)
     assert "total_batch_size=1000 must be a multiple of" in text
+
+    # A profile name in the run config that is not the run's partition fails before anything is written.
+    result = dg.materialize([raw_shards], resources=resources, raise_on_error=False, partition_key="tiny",
+                            run_config={"resources": {"profile": {"config": {"name": "tiny2"}}}})
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "name='tiny2' but the run materializes partition 'tiny'" in failure.event_specific_data.error.message
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_launcher_is_chosen_by_environment(monkeypatch):

@@ -27,9 +27,11 @@ from orchestration.defs.sensors import new_promoted_model, new_shards
 from orchestration.defs.serving import promoted_model, report
 from orchestration.defs.tokenizer import tokenizer
 from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_checkpoint
+from orchestration.keys import LATEST_KEY, profile_pointer_key
 from orchestration.launcher import TorchrunLauncher
+from orchestration.partitions import PROFILE_PARTITIONS
 from orchestration.profiles import RunProfile
-from orchestration.promotion import LATEST_KEY, profile_key, read_pointer
+from orchestration.promotion import read_pointer
 from orchestration.run_summary import orchestration_figure
 from orchestration.workspace import Workspace
 
@@ -67,7 +69,8 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
     instance = dg.DagsterInstance.ephemeral()
     store = s3_store
-    result = dg.materialize([*ASSETS, *CHECKS], resources=resources(tmp_path, store), instance=instance)
+    result = dg.materialize([*ASSETS, *CHECKS], resources=resources(tmp_path, store), instance=instance,
+                            partition_key="tiny")
     assert result.success
     assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {
         a.key.to_user_string() for a in ASSETS}
@@ -110,7 +113,7 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     assert pointer["checkpoint"]["sha256"] == meta["sft_checkpoint"]["sha256"]
     assert pointer["tokenizer"]["sha256"] == meta["tokenizer"]["sha256"]
     assert pointer["scores"]["core_label"] == "CORE[18/22]" and pointer["scores"]["chatcore"] == chat["chatcore"]
-    assert read_pointer(store, profile_key("tiny", "d2")) == pointer
+    assert read_pointer(store, profile_pointer_key("tiny", "d2")) == pointer
     text = meta["report"]["report"]
     for needle in ("report card", "base_checkpoint", "CORE[18/22]", "ChatCORE", "arc_easy", "GSM8K"):
         assert needle in text, needle
@@ -130,7 +133,7 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     # Re-materialize only chat_eval: upstream artifacts are reused (nothing retrains) and the history keeps one
     # set of rows for these checkpoints.
     again = dg.materialize([*ASSETS, *CHECKS], resources=resources(tmp_path, store), instance=instance,
-                           selection=[chat_eval])
+                           selection=[chat_eval], partition_key="tiny")
     assert again.success
     assert {e.asset_key.to_user_string() for e in again.get_asset_materialization_events()} == {"chat_eval"}
     for asset in ("base_checkpoint", "mid_checkpoint", "sft_checkpoint"):
@@ -142,10 +145,10 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     # The gate: suppose the promoted model of this profile had a far better CORE. Re-evaluating the base model
     # fails the blocking check, so promoted_model is not materialized and the pointer does not move.
     better = {**pointer, "scores": {**pointer["scores"], "core": 0.99}}
-    store.write_json(profile_key("tiny", "d2"), better)
+    store.write_json(profile_pointer_key("tiny", "d2"), better)
     latest_before = store.read_json(LATEST_KEY)
     gated = dg.materialize([*ASSETS, *CHECKS], resources=resources(tmp_path, store), instance=instance,
-                           selection=[base_eval, promoted_model], raise_on_error=False)
+                           selection=[base_eval, promoted_model], raise_on_error=False, partition_key="tiny")
     (evaluation,) = [e for e in gated.get_asset_check_evaluations() if e.check_name == "core_not_regressed"]
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
     assert {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()} == {"base_eval"}
@@ -169,12 +172,8 @@ def test_regression_rule():
 
 
 def test_finite_loss_check_fails_on_nan():
-    instance = dg.DagsterInstance.ephemeral()
-    check = checks.base_checkpoint_finite_loss
-    for loss, passed in ((2.5, True), (math.nan, False)):
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            "base_checkpoint", metadata={"final_loss": loss, "val_bpb": 1.2}))
-        result = check(dg.build_asset_check_context(instance=instance))
+    for loss, passed in ((2.5, True), (math.nan, False), (math.inf, False)):
+        result = checks.finite_loss_result({"final_loss": loss, "val_bpb": 1.2})
         assert result.passed is passed and result.severity == dg.AssetCheckSeverity.ERROR
 
 
@@ -194,7 +193,7 @@ def test_new_shards_sensor_requests_one_run_per_new_listing(tmp_path, monkeypatc
     result = new_shards(dg.build_sensor_context(resources={"artifacts": store}))
     (request,) = result.run_requests
     assert request.run_config["resources"]["profile"]["config"]["corpus"] == "store:inbox/shards"
-    assert request.tags["nanochat/new_shards"] == "2"
+    assert request.tags["nanochat/new_shards"] == "2" and request.partition_key == "tiny"
     # Same listing on the next tick: nothing new.
     again = new_shards(dg.build_sensor_context(cursor=result.cursor, resources={"artifacts": store}))
     assert isinstance(again, dg.SkipReason)
@@ -202,7 +201,7 @@ def test_new_shards_sensor_requests_one_run_per_new_listing(tmp_path, monkeypatc
     # The run it starts can read that corpus: raw_shards materializes from the store's inbox.
     out = dg.materialize([raw_shards], resources={
         "artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
-        "profile": RunProfile(corpus="store:inbox/shards")})
+        "profile": RunProfile(corpus="store:inbox/shards")}, partition_key=request.partition_key)
     assert out.success and metadata(out, "raw_shards")["num_shards"] == 2
 
 
@@ -224,3 +223,19 @@ def test_schedule_is_weekly_and_off_by_default():
     job = defs().resolve_job_def("retrain")
     keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
     assert {a.key.to_user_string() for a in ASSETS} <= keys
+    # Runs of it name a profile partition: the schedule asks for the default profile ($NANOCHAT_PROFILE).
+    assert job.partitions_def is not None and set(job.partitions_def.get_partition_keys()) >= {"tiny", "tiny2", "d20"}
+    request = weekly_retrain(dg.build_schedule_context())
+    assert request.partition_key == "tiny"
+
+
+def test_report_sensor_asks_for_the_promoted_partition():
+    # A run that promoted (a stand-in with promoted_model's key and partitions) without the report in it.
+    @dg.asset(name="promoted_model", partitions_def=PROFILE_PARTITIONS)
+    def promoted_stand_in() -> None:
+        return None
+
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([promoted_stand_in], instance=instance, partition_key="tiny2").success
+    (request,) = list(new_promoted_model(dg.build_sensor_context(instance=instance)))
+    assert request.partition_key == "tiny2"

@@ -184,7 +184,7 @@ def test_no_secret_reaches_any_output(canary_s3, tmp_path, shared_data, monkeypa
                  "launcher": TorchrunLauncher(), "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
     (tmp_path / "dagster_home").mkdir()
     instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster_home"))
-    result = dg.materialize([raw_shards, tokenizer], resources=resources, instance=instance)
+    result = dg.materialize([raw_shards, tokenizer], resources=resources, instance=instance, partition_key="tiny")
     assert result.success
 
     outputs = {}
@@ -198,7 +198,7 @@ def test_no_secret_reaches_any_output(canary_s3, tmp_path, shared_data, monkeypa
         (materialization,) = result.asset_materializations_for_node(asset)
         stages[asset] = {k: v.value for k, v in materialization.metadata.items()}
     outputs["metadata"] = repr(stages)
-    outputs["report"] = render_report(stages, profile, result.run_id)
+    outputs["report"] = render_report(stages, profile.for_partition("tiny"), result.run_id)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert any(k.endswith("manifest.json") for k in keys), keys
     outputs["s3 objects"] = b"".join(s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys)

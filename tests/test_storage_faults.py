@@ -334,7 +334,7 @@ def test_asset_retries_with_backoff_and_succeeds_when_the_server_is_back(s3_serv
     monkeypatch.setenv("NANOCHAT_STORE_RETRY_WAIT_S", "0.2")
     s3_server.stop()
     try:
-        result = dg.materialize([raw_shards], resources=resources, raise_on_error=False)
+        result = dg.materialize([raw_shards], resources=resources, raise_on_error=False, partition_key="tiny")
     finally:
         s3_server.start()
     assert not result.success
@@ -348,7 +348,7 @@ def test_asset_retries_with_backoff_and_succeeds_when_the_server_is_back(s3_serv
     monkeypatch.setenv("NANOCHAT_STORE_RETRY_WAIT_S", "2")
     s3_server.stop()
     threading.Timer(2.0, s3_server.start).start()
-    result = dg.materialize([raw_shards], resources=resources, raise_on_error=False)
+    result = dg.materialize([raw_shards], resources=resources, raise_on_error=False, partition_key="tiny")
     assert result.success, asset_errors(result)
     retries = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
     assert 1 <= len(retries) <= 3

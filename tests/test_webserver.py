@@ -244,12 +244,13 @@ def dagster_dev(tmp_path_factory, shared_data) -> Iterator[DagsterDev]:
         server.stop()
 
 
-def launch(server: DagsterDev, assets: list[str], run_config: dict) -> dict[str, Any]:
-    """Launch `assets` as the UI does: the asset job with an asset selection, run config as launchpad YAML."""
+def launch(server: DagsterDev, assets: list[str], run_config: dict, partition: str = "tiny") -> dict[str, Any]:
+    """Launch `assets` as the UI does: the asset job with an asset selection, run config as launchpad YAML, the
+    profile partition picked in the Materialize dialog as the run's partition tag."""
     params = {
         "runConfigData": yaml.safe_dump(run_config),
         "mode": "default",
-        "executionMetadata": {"tags": []},
+        "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]},
         "selector": {
             "repositoryLocationName": server.location,
             "repositoryName": server.repository,

@@ -6,6 +6,10 @@ downstream of it (promoted_model, report) are not materialized in that run.
 - CORE (base_eval) and ChatCORE (chat_eval) not below the promoted model of the same profile and size by more
   than the profile's promotion_tolerance. Only scores with the same coverage label are compared (a CORE[18/22]
   is never held against a full CORE); an incomparable or missing score is a WARN, which does not block.
+
+Each check reads its asset's materialization in the run's profile partition. The checks themselves are not
+partitioned (Dagster 1.13 has partitioned checks only as a preview): the UI shows a check's latest result, and
+the check's metadata names the partition it checked.
 """
 
 
@@ -14,23 +18,27 @@ import math
 import dagster as dg
 
 from orchestration.defs.resources import ArtifactStore
+from orchestration.keys import profile_pointer_key
+from orchestration.partitions import partition_of, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
-from orchestration.promotion import profile_key, read_pointer
-from orchestration.workspace import upstream_metadata
+from orchestration.promotion import read_pointer
 
 LOSS_KEYS = ("final_loss", "val_bpb", "min_val_bpb", "val_loss")
+
+
+def finite_loss_result(meta: dict, partition: str | None = None) -> dg.AssetCheckResult:
+    values = {k: meta[k] for k in LOSS_KEYS if isinstance(meta.get(k), (int, float))}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    return dg.AssetCheckResult(passed=not bad, severity=dg.AssetCheckSeverity.ERROR,
+                               metadata={"checked": ", ".join(values) or "none reported", "partition": str(partition),
+                                         "non_finite": ", ".join(f"{k}={v}" for k, v in bad.items()) or "none"})
 
 
 def finite_loss_check(asset: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset, name="finite_loss", blocking=True,
                     description=f"{asset}'s reported losses and bpb are finite numbers (no NaN or inf)")
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        meta = upstream_metadata(context, asset)
-        values = {k: meta[k] for k in LOSS_KEYS if isinstance(meta.get(k), (int, float))}
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        return dg.AssetCheckResult(passed=not bad, severity=dg.AssetCheckSeverity.ERROR,
-                                   metadata={"checked": ", ".join(values) or "none reported",
-                                             "non_finite": ", ".join(f"{k}={v}" for k, v in bad.items()) or "none"})
+        return finite_loss_result(upstream_metadata(context, asset), partition_of(context))
     return _check
 
 
@@ -39,9 +47,10 @@ mid_checkpoint_finite_loss = finite_loss_check("mid_checkpoint")
 sft_checkpoint_finite_loss = finite_loss_check("sft_checkpoint")
 
 
-def regression_result(score, label, promoted: dict | None, tolerance: float, what: str) -> dg.AssetCheckResult:
+def regression_result(score, label, promoted: dict | None, tolerance: float, what: str,
+                      partition: str | None = None) -> dg.AssetCheckResult:
     """Compare a new score with the promoted model's score of the same label (see the module docstring)."""
-    meta = {"score": score, "label": label, "tolerance": tolerance}
+    meta = {"score": score, "label": label, "tolerance": tolerance, "partition": str(partition)}
     warn = dg.AssetCheckSeverity.WARN
     if score is None or not math.isfinite(score):
         return dg.AssetCheckResult(passed=False, severity=warn,
@@ -61,7 +70,7 @@ def regression_result(score, label, promoted: dict | None, tolerance: float, wha
 
 
 def promoted_for(profile: RunProfile, artifacts: ArtifactStore) -> dict | None:
-    return read_pointer(artifacts, profile_key(profile.name.value, profile.model_tag))
+    return read_pointer(artifacts, profile_pointer_key(profile.name.value, profile.model_tag))
 
 
 @dg.asset_check(asset="base_eval", blocking=True,
@@ -69,9 +78,10 @@ def promoted_for(profile: RunProfile, artifacts: ArtifactStore) -> dict | None:
                             "by more than promotion_tolerance")
 def core_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfile,
                        artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    profile = run_profile(context, profile)
     meta = upstream_metadata(context, "base_eval")
     return regression_result(meta.get("core"), meta.get("core_label"), promoted_for(profile, artifacts),
-                             profile.settings()["promotion_tolerance"], "core")
+                             profile.settings()["promotion_tolerance"], "core", profile.name.value)
 
 
 @dg.asset_check(asset="chat_eval", blocking=True,
@@ -79,6 +89,7 @@ def core_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfi
                             "task coverage) by more than promotion_tolerance")
 def chatcore_not_regressed(context: dg.AssetCheckExecutionContext, profile: RunProfile,
                            artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    profile = run_profile(context, profile)
     meta = upstream_metadata(context, "chat_eval")
     return regression_result(meta.get("chatcore"), meta.get("chatcore_label"), promoted_for(profile, artifacts),
-                             profile.settings()["promotion_tolerance"], "chatcore")
+                             profile.settings()["promotion_tolerance"], "chatcore", profile.name.value)

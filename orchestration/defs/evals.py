@@ -17,7 +17,9 @@ import dagster as dg
 
 from orchestration import eval_store
 from orchestration.defs.resources import ArtifactStore, EvalHistory
+from orchestration.keys import eval_results_key
 from orchestration.launcher import Launcher
+from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
     PHASE_DIRS,
@@ -53,10 +55,11 @@ def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile
 
 
 @dg.asset(group_name="evaluation", code_version="1", deps=["base_checkpoint", "tokenizer", "raw_shards"], pool="gpu",
-          kinds={"pytorch", "duckdb"})
+          kinds={"pytorch", "duckdb"}, partitions_def=PROFILE_PARTITIONS)
 def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore, launcher: Launcher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """CORE (the DCLM in-context suite, centred accuracy), train/val bits per byte and samples of the base model."""
+    profile = run_profile(context, profile)
     s = profile.settings()
     tag = profile.model_tag
     run_dir = workspace.run_dir(context)
@@ -82,7 +85,7 @@ def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     rows = duckdb.record(context, profile, "base", checkpoint, scores) if scores else 0
 
     with retry_on_store_faults():
-        info = artifacts.write_json(f"{checkpoint['key']}/evals/base_eval.json", result)
+        info = artifacts.write_json(eval_results_key(checkpoint["key"], "base_eval"), result)
     metadata = {
         "core": result.get("core"), "core_label": result.get("core_label"),
         "core_tasks_covered": result.get("core_tasks_covered"), "core_tasks_total": result.get("core_tasks_total"),
@@ -108,10 +111,11 @@ def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
 
 
 @dg.asset(group_name="evaluation", code_version="1", deps=["mid_checkpoint", "sft_checkpoint", "tokenizer"],
-          pool="gpu", kinds={"pytorch", "duckdb"})
+          pool="gpu", kinds={"pytorch", "duckdb"}, partitions_def=PROFILE_PARTITIONS)
 def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore, launcher: Launcher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """ChatCORE (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee) of the mid and SFT checkpoints."""
+    profile = run_profile(context, profile)
     s = profile.settings()
     tag = profile.model_tag
     run_dir = workspace.run_dir(context)
@@ -137,7 +141,7 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
         if scores:
             rows += duckdb.record(context, profile, stage, checkpoint, scores)
         with retry_on_store_faults():
-            info = artifacts.write_json(f"{checkpoint['key']}/evals/chat_eval.json", result)
+            info = artifacts.write_json(eval_results_key(checkpoint["key"], "chat_eval"), result)
         result_shas.append(info.sha256)
         for task, reason in (result.get("chat_missing") or {}).items():
             context.log.warning(f"chat_eval {stage}: skipped {task}: {reason}")

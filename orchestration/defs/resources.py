@@ -5,7 +5,8 @@ root the CLI and the app read, so a run launched from the UI writes where they l
 
 NANOCHAT_ARTIFACTS   where artifacts go: a local directory (default $NANOCHAT_HOME/artifacts) or s3://bucket/prefix
                      (endpoint from NANOCHAT_S3_ENDPOINT_URL / AWS_ENDPOINT_URL; credentials from the boto3 chain)
-NANOCHAT_PROFILE     the default run profile: tiny (default), d20, d26 or d32 (what schedules and sensors run)
+NANOCHAT_PROFILE     the profile partition schedules and sensors run: tiny (default), tiny2, d20, d26 or d32 (the UI
+                     and the CLI pick a partition per run)
 NANOCHAT_LAUNCHER    local (default: torchrun on this machine) or k8s (a pod per stage through PipesK8sClient; then
                      NANOCHAT_K8S_IMAGE, NANOCHAT_K8S_NAMESPACE, NANOCHAT_K8S_WORKSPACE_CLAIM and NANOCHAT_K8S_SECRET
                      set the basics, and every other field is launchpad config: resources.launcher.config)
@@ -94,7 +95,7 @@ def resources() -> dg.Definitions:
         resources={
             "artifacts": artifact_store,
             "workspace": Workspace(),
-            "profile": RunProfile(name=os.environ.get("NANOCHAT_PROFILE", "tiny")),
+            "profile": RunProfile(),  # the run's partition chooses the profile; run config overrides fields
             "launcher": launcher(),
             "duckdb": EvalHistory(database=str(home.duckdb_path())),
         }

@@ -13,6 +13,7 @@ import dagster as dg
 from orchestration.artifact_store import ArtifactStoreError
 from orchestration.defs.resources import ArtifactStore
 from orchestration.jobs import report_job, retrain_job
+from orchestration.partitions import default_profile
 
 
 def shard_inbox() -> str:
@@ -22,7 +23,8 @@ def shard_inbox() -> str:
 
 @dg.sensor(job=retrain_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
            description="Retrain when new .parquet shards appear under $NANOCHAT_SHARD_INBOX (default "
-                       "incoming/shards) in the artifact store; the run's corpus is that folder.")
+                       "incoming/shards) in the artifact store; the run's corpus is that folder, its partition the "
+                       "default profile ($NANOCHAT_PROFILE).")
 def new_shards(context: dg.SensorEvaluationContext, artifacts: ArtifactStore) -> dg.SensorResult | dg.SkipReason:
     prefix = shard_inbox()
     try:
@@ -36,7 +38,7 @@ def new_shards(context: dg.SensorEvaluationContext, artifacts: ArtifactStore) ->
     # The run key is the listing itself: the same set of shards never starts two runs.
     digest = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:16]
     request = dg.RunRequest(
-        run_key=f"shards-{digest}",
+        run_key=f"shards-{digest}", partition_key=default_profile(),
         run_config={"resources": {"profile": {"config": {"corpus": f"store:{prefix}"}}}},
         tags={"nanochat/trigger": "new_shards", "nanochat/new_shards": str(len(new))},
     )
@@ -51,4 +53,7 @@ def new_promoted_model(context: dg.SensorEvaluationContext, asset_event: dg.Even
     selection = run.asset_selection if run is not None else None
     if selection is None or dg.AssetKey("report") in selection:
         return dg.SkipReason(f"run {asset_event.run_id} writes the report card itself")
-    return dg.RunRequest(run_key=f"report-{asset_event.run_id}", tags={"nanochat/trigger": "new_promoted_model"})
+    # The report of the profile that was promoted: the same partition.
+    partition = asset_event.dagster_event.partition if asset_event.dagster_event else None
+    return dg.RunRequest(run_key=f"report-{asset_event.run_id}-{partition}", partition_key=partition,
+                         tags={"nanochat/trigger": "new_promoted_model"})

@@ -14,9 +14,11 @@ import dagster as dg
 import torch
 
 from orchestration.defs.resources import ArtifactStore
+from orchestration.keys import report_key
+from orchestration.partitions import PROFILE_PARTITIONS, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
 from orchestration.promotion import write_pointer
-from orchestration.workspace import git_sha, retry_on_store_faults, upstream_metadata
+from orchestration.workspace import git_sha, retry_on_store_faults
 
 PIPELINE = ["raw_shards", "tokenizer", "base_checkpoint", "base_eval", "mid_checkpoint", "sft_checkpoint",
             "chat_eval"]
@@ -27,10 +29,11 @@ def artifact_ref(meta: dict) -> dict:
 
 
 @dg.asset(group_name="serving", code_version="1", deps=["sft_checkpoint", "tokenizer", "base_eval", "chat_eval"],
-          kinds={"s3"})
+          kinds={"s3"}, partitions_def=PROFILE_PARTITIONS)
 def promoted_model(context: dg.AssetExecutionContext, profile: RunProfile,
                    artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Publish the promotion pointer (promoted/latest.json) naming the SFT checkpoint, its tokenizer and scores."""
+    profile = run_profile(context, profile)
     sft, tok = upstream_metadata(context, "sft_checkpoint"), upstream_metadata(context, "tokenizer")
     base, chat = upstream_metadata(context, "base_eval"), upstream_metadata(context, "chat_eval")
     scores = {k: v for k, v in {
@@ -118,9 +121,11 @@ def render_report(stages: dict[str, dict], profile: RunProfile, run_id: str) -> 
     return "\n".join(out) + "\n"
 
 
-@dg.asset(group_name="serving", code_version="1", deps=["promoted_model", *PIPELINE], kinds={"markdown"})
+@dg.asset(group_name="serving", code_version="1", deps=["promoted_model", *PIPELINE], kinds={"markdown"},
+          partitions_def=PROFILE_PARTITIONS)
 def report(context: dg.AssetExecutionContext, profile: RunProfile, artifacts: ArtifactStore) -> dg.MaterializeResult:
     """The report card of the promoted model's pipeline, as markdown in metadata and in the artifact store."""
+    profile = run_profile(context, profile)
     stages = {}
     for asset in PIPELINE:
         try:
@@ -128,7 +133,7 @@ def report(context: dg.AssetExecutionContext, profile: RunProfile, artifacts: Ar
         except dg.Failure:
             stages[asset] = {}
     text = render_report(stages, profile, context.run.run_id)
-    key = f"report/{profile.name.value}/{profile.model_tag}/{context.run.run_id}/report.md"
+    key = report_key(profile.name.value, profile.model_tag, context.run.run_id)
     with retry_on_store_faults():
         info = artifacts.put_bytes(key, text.encode())
     return dg.MaterializeResult(metadata={"report": dg.MetadataValue.md(text), "uri": info.uri,

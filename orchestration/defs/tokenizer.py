@@ -7,14 +7,18 @@ import dagster as dg
 
 from nanochat import tok_eval, tok_train
 from orchestration.defs.resources import ArtifactStore
+from orchestration.keys import tokenizer_key
+from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, fetch_upstream, git_sha, retry_on_store_faults
 
 
-@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"pytorch"})
+@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"pytorch"},
+          partitions_def=PROFILE_PARTITIONS)
 def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Train the tokenizer (tokenizer.pkl + token_bytes.pt, the original layout) and report its compression."""
+    profile = run_profile(context, profile)
     settings = profile.settings()
     run_dir = workspace.run_dir(context)
     with retry_on_store_faults():
@@ -27,7 +31,7 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     table = tok_eval.markdown_table(rows)
     wall = time.time() - t0
     with retry_on_store_faults():
-        info = artifacts.put_dir(out_dir, f"tokenizer/{profile.name.value}/{context.run.run_id}")
+        info = artifacts.put_dir(out_dir, tokenizer_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
         metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
                   "vocab_size": settings["vocab_size"], "max_chars": settings["tok_max_chars"],

@@ -12,7 +12,9 @@ import dagster as dg
 
 from orchestration import resume
 from orchestration.defs.resources import ArtifactStore, EvalHistory
+from orchestration.keys import checkpoint_key
 from orchestration.launcher import Launcher
+from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
 from orchestration.workspace import (
     PHASE_DIRS,
@@ -51,8 +53,9 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     step = int(result["step"])
     checkpoint_dir = Path(result["checkpoint_dir"])
     with retry_on_store_faults():  # a retry re-trains: publishing is the step's last act, so that is rare
-        info = publish_checkpoint(artifacts, checkpoint_dir, step, f"{stage}_checkpoint/{profile.name.value}/{tag}/"
-                                  f"{context.run.run_id}", run_dir / "publish")
+        info = publish_checkpoint(artifacts, checkpoint_dir, step,
+                                  checkpoint_key(stage, profile.name.value, tag, context.run.run_id),
+                                  run_dir / "publish")
     if not settings["keep_resume_points"]:
         resume.clear(points, context.log)
     curve = result.get("loss_curve") or []
@@ -82,11 +85,12 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
 
 
 @dg.asset(group_name="training", code_version="1", deps=["raw_shards", "tokenizer"], pool="gpu",
-          kinds={"pytorch"})
+          kinds={"pytorch"}, partitions_def=PROFILE_PARTITIONS)
 def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                     artifacts: ArtifactStore, launcher: Launcher,
                     duckdb: EvalHistory) -> dg.MaterializeResult:
     """Pretrain the base model on the shards (nanochat.base_train)."""
+    profile = run_profile(context, profile)
     s = profile.settings()
     args = [f"--depth={s['depth']}", f"--max-seq-len={s['max_seq_len']}",
             f"--device-batch-size={s['device_batch_size']}", f"--total-batch-size={s['total_batch_size']}",
@@ -99,11 +103,12 @@ def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, work
 
 
 @dg.asset(group_name="training", code_version="1", deps=["base_checkpoint", "tokenizer"], pool="gpu",
-          kinds={"pytorch"})
+          kinds={"pytorch"}, partitions_def=PROFILE_PARTITIONS)
 def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                    artifacts: ArtifactStore, launcher: Launcher,
                    duckdb: EvalHistory) -> dg.MaterializeResult:
     """Mid-train on the conversation mixture (nanochat.mid_train)."""
+    profile = run_profile(context, profile)
     s = profile.settings()
     args = [f"--device-batch-size={s['mid_device_batch_size']}", f"--total-batch-size={s['total_batch_size']}",
             f"--num-iterations={s['mid_iterations']}", f"--eval-tokens={s['eval_tokens']}", "--log-every=10"]
@@ -113,11 +118,12 @@ def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, works
 
 
 @dg.asset(group_name="training", code_version="1", deps=["mid_checkpoint", "tokenizer"], pool="gpu",
-          kinds={"pytorch"})
+          kinds={"pytorch"}, partitions_def=PROFILE_PARTITIONS)
 def sft_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                    artifacts: ArtifactStore, launcher: Launcher,
                    duckdb: EvalHistory) -> dg.MaterializeResult:
     """Supervised fine-tuning with assistant-only loss (nanochat.chat_sft)."""
+    profile = run_profile(context, profile)
     s = profile.settings()
     args = [f"--device-batch-size={s['sft_device_batch_size']}", f"--examples-per-step={s['sft_examples_per_step']}",
             f"--num-iterations={s['sft_iterations']}", "--eval-steps=10", "--log-every=10"]
