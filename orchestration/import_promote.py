@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from orchestration.artifact_store import ArtifactStore
 from orchestration.importer import PROFILE
-from orchestration.promotion import profile_key, read_pointer, write_pointer
+from orchestration.keys import profile_pointer_key
+from orchestration.promotion import read_pointer, write_pointer
 from orchestration.workspace import git_sha
 
 
@@ -23,7 +24,7 @@ def promote(store: ArtifactStore, result: dict, phase: str, tag: str, depth: int
 
     what = "core" if phase == "base" else "chatcore"
     scores = result.get("scores") or {}
-    promoted = read_pointer(store, profile_key(PROFILE, tag))
+    promoted = read_pointer(store, profile_pointer_key(PROFILE, tag))
     check = regression_result(scores.get(what), scores.get(f"{what}_label"), promoted, 0.0, what)
     reason = check.metadata.get("reason")
     gate = {"passed": bool(check.passed), "reason": reason.value if reason is not None else None}

@@ -33,7 +33,7 @@ import torch
 
 from nanochat.checkpoint_manager import PHASE_DIRS, meta_path, model_path
 from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME
-from orchestration import eval_store, home
+from orchestration import eval_store, home, keys
 from orchestration.artifact_store import ArtifactStore, ArtifactStoreError, artifact_store_from_url
 from orchestration.hub import Source, SourceError, parse_source, read_card_metadata
 from orchestration.import_layout import IMPORT_PHASES, Layout, LayoutError, find_layout, phase_from_meta
@@ -60,11 +60,11 @@ class ImportRequest:
 
 
 def checkpoint_key(phase: str, tag: str, name: str) -> str:
-    return f"{phase}_checkpoint/{PROFILE}/{tag}/{name}"
+    return keys.checkpoint_key(phase, PROFILE, tag, name)
 
 
 def tokenizer_key(name: str) -> str:
-    return f"tokenizer/{PROFILE}/{name}"
+    return keys.tokenizer_key(PROFILE, name)
 
 
 def run_id(name: str) -> str:
