@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
 from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs import checks
 from orchestration.defs.data import raw_shards
+from orchestration.defs.resources import EvalHistory
 from orchestration.defs.tokenizer import tokenizer
 from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_checkpoint
 from orchestration.launcher import TorchrunLauncher
@@ -47,7 +47,7 @@ def test_two_profiles_interleaved_keep_their_own_lineage(tmp_path, shared_data, 
     store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
     resources = {"artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
                  "profile": RunProfile(**FAST), "launcher": TorchrunLauncher(),
-                 "duckdb": DuckDBResource(database=str(tmp_path / "evals.duckdb"))}
+                 "duckdb": EvalHistory(database=str(tmp_path / "evals.duckdb"))}
 
     def run(partition: str, *assets, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
         return dg.materialize(ASSETS, resources=resources, instance=instance, partition_key=partition,
