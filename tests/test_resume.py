@@ -85,7 +85,8 @@ def test_stage_args_follow_the_profile():
 def test_profile_save_and_core_fields():
     from orchestration.profiles import RunProfile
 
-    assert (RunProfile().settings()["save_every"], RunProfile().settings()["core_every"]) == (40, 0)
+    tiny = RunProfile().for_partition("tiny").settings()  # the partition chooses the profile
+    assert (tiny["save_every"], tiny["core_every"]) == (40, 0)
     assert (RunProfile(name="d20").settings()["save_every"], RunProfile(name="d20").settings()["core_every"]) == (
         500, 2000)
     with pytest.raises(Exception, match="core_every=300 must be a multiple of save_every=500"):
