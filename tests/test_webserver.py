@@ -28,6 +28,8 @@ from browser import artifact_dir, chromium_page  # tests/ is on sys.path (rootle
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
+from orchestration.profiles import PROFILES
+
 REPO = Path(__file__).resolve().parents[1]
 ASSET_JOB = "__ASSET_JOB"  # the implicit job the UI's "Materialize" button launches assets with
 # The tiny profile, shrunk: the shared sample corpus and a 512-token vocabulary train in a few seconds.
@@ -308,9 +310,29 @@ def latest_materialization(server: DagsterDev, asset: str) -> tuple[str, dict[st
     return mat["runId"], values
 
 
+PARTITIONS_QUERY = """
+query Partitions($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) {
+    __typename
+    ... on AssetNode {
+      partitionStats { numMaterialized numPartitions }
+      assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions } }
+    }
+  }
+}
+"""
+
+
+def materialized_partitions(server: DagsterDev, asset: str) -> tuple[list[str], int]:
+    """(the asset's materialized profile partitions, its number of partitions), as the asset's Partitions tab shows."""
+    node = server.graphql(PARTITIONS_QUERY, {"assetKey": {"path": [asset]}})["assetNodeOrError"]
+    assert node["__typename"] == "AssetNode", node
+    return sorted(node["assetPartitionStatuses"]["materializedPartitions"]), node["partitionStats"]["numPartitions"]
+
+
 def screenshot_asset_graph(server: DagsterDev, profile_dir: Path, out: Path, materialized: list[str]) -> None:
-    """Open the global asset lineage graph, expand every group, wait until the `materialized` assets' nodes show
-    their materialized (green) state, and save a full-page screenshot."""
+    """Open the global asset lineage graph, expand every group, wait until the `materialized` assets' nodes carry
+    their live status colour, and save a full-page screenshot."""
     with chromium_page(profile_dir) as page:
         page.goto(f"{server.url}/asset-groups", wait_until="load")
         # With several groups the graph starts with every group collapsed; ⌥E is the UI's "Expand all groups".
@@ -318,11 +340,13 @@ def screenshot_asset_graph(server: DagsterDev, profile_dir: Path, out: Path, mat
         page.keyboard.press("Alt+KeyE")
         # Zoomed out to fit the whole graph, each asset is a "minimal" node: a box (class names are CSS modules,
         # "AssetNode_minimalAssetNodeBox__<hash>", hence the prefix match) around the asset's name. Its border
-        # colour arrives with the live asset data a moment after the layout: green once materialized.
+        # colour arrives with the live asset data a moment after the layout. The stages are partitioned by profile:
+        # with one of the profiles materialized a node is grey (green needs every partition), so the wait is for the
+        # colour to be set at all; which partitions are materialized is checked through GraphQL (the Partitions tab).
         boxes = page.locator('[class*="AssetNode_minimalAssetNodeBox"]')
         boxes.filter(has_text=re.compile(r"^base_checkpoint$")).first.wait_for(state="visible")
         for asset in materialized:
-            boxes.and_(page.locator('[style*="accent-green"]')).filter(
+            boxes.and_(page.locator('[style*="--minimal-border: var(--color-accent"]')).filter(
                 has_text=re.compile(f"^{asset}$")).first.wait_for(state="visible")
         page.screenshot(path=str(out), full_page=True)
 
@@ -350,6 +374,10 @@ def test_materialize_through_graphql_then_see_it_in_the_asset_graph(dagster_dev,
     assert hashlib.sha256((published / "manifest.json").read_bytes()).hexdigest() == meta["sha256"]
     _, shards = latest_materialization(dagster_dev, "raw_shards")
     assert meta["raw_shards_sha256"] == shards["sha256"] and shards["num_shards"] >= 2
+
+    # Materialized for the run's profile partition only: the lineage of one profile.
+    for asset in ("raw_shards", "tokenizer"):
+        assert materialized_partitions(dagster_dev, asset) == (["tiny"], len(PROFILES)), asset
 
     out = artifact_dir() / "dagster_asset_graph.png"
     out.unlink(missing_ok=True)
