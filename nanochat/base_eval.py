@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from nanochat.base_train import sample_prompts
 from nanochat.checkpoint_manager import PHASE_DIRS, checkpoints_dir_for, find_largest_model, find_last_step, load_model
-from nanochat.common import atomic_write, autocast_for, is_distributed, print0
+from nanochat.common import atomic_write, autocast_for, eval_dtype, is_distributed, print0
 from nanochat.core_eval import EvalDataUnavailable, evaluate_core, find_eval_bundle
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.dataset import split_files
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-tag", default=None, help="e.g. d20 (default: the largest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last saved)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
+    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda, fp32 on CPU)")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per CORE task (-1: all)")
     p.add_argument("--core-tasks", default="", help="comma-separated CORE labels (default: all of core.yaml)")
     p.add_argument("--bundle-dir", default=None, help="eval bundle folder (default: see core_eval.find_eval_bundle)")
@@ -90,7 +90,8 @@ def print_report(result: dict) -> None:
             print0(f"{label:<34} {t['task_type']:<18} {t['examples']:>6} {t['accuracy']:>9.4f} "
                    f"{t['centered']:>9.4f} {t['random_baseline']:>9.1f} {t['seconds']:>7.1f}")
     if result["core"] is not None:
-        print0(f"{result['core_label']}: {result['core']:.4f} ({result['core_examples_per_sec']:.1f} examples/s)")
+        print0(f"{result['core_label']}: {result['core']:.4f} ({result['core_examples_per_sec']:.1f} examples/s, "
+               f"{result['core_dtype']})")
     for label in result["core_missing"] or []:
         print0(f"missing (no data file): {label}")
     if result["core_skipped"]:
@@ -111,7 +112,7 @@ def evaluate(args, rank, world_size, device, reporter) -> dict:
     step = args.step if args.step is not None else find_last_step(checkpoints_dir / model_tag)
     model, tokenizer, _ = load_model(args.source, device, "eval", model_tag=model_tag, step=step)
     print0(f"evaluating {args.source} model {model_tag} step {step} on {world_size} x {device}")
-    autocast = autocast_for(device, args.dtype)
+    autocast = autocast_for(device, args.dtype or eval_dtype(device))
 
     core, core_skipped = None, None
     if args.no_core:
@@ -142,6 +143,7 @@ def evaluate(args, rank, world_size, device, reporter) -> dict:
         "core_missing": core.get("missing"),
         "core_skipped": core_skipped,
         "core_examples_per_sec": core.get("examples_per_sec"),
+        "core_dtype": core.get("dtype"),
         "train_bpb": bpb.get("train"),
         "val_bpb": bpb.get("val"),
         "bpb_skipped": bpb_skipped,

@@ -18,10 +18,12 @@ import time
 
 import torch
 
+from nanochat import compile_policy
 from nanochat.checkpoint_manager import checkpoint_dir_for, loader_states_meta, resume_training, save_checkpoint
 from nanochat.cli import check_ranges
 from nanochat.common import (
     autocast_for,
+    default_dtype,
     gpu_peak_flops,
     grad_accum_steps,
     print0,
@@ -63,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float, default=0.0)
     p.add_argument("--warmdown-ratio", type=float, default=0.2)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto", help="torch.compile (auto: cuda)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                   help="torch.compile (auto: when the planned steps amortise it; see nanochat/compile_policy.py)")
     p.add_argument("--seed", type=int, default=42)
     # evaluation / output
     p.add_argument("--eval-every", type=int, default=250)
@@ -189,8 +192,9 @@ def train(args, rank, world_size, device, reporter) -> dict:
         print0(f"resumed from {checkpoint_dir} step {step}")
     start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
 
-    use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    train_model, compile_decision = compile_policy.compile_for_run(
+        model, args.compile, device, args.dtype or default_dtype(device), args.device_batch_size, args.max_seq_len,
+        world_size, num_iterations - step, args.total_batch_size)
 
     def loader(split, state=None):
         return DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, split, device, rank,
@@ -289,6 +293,8 @@ def train(args, rank, world_size, device, reporter) -> dict:
                    f"dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | flop/s {flops_per_sec:.3e}{mfu_text}")
             reporter.metrics(step, loss=debiased, tok_per_sec=tok_per_sec, mfu=mfu)
 
+    if master:
+        compile_policy.record(compile_decision.key, compile_decision.compile, [h["dt"] for h in history])
     summary = {
         "checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
         "min_val_bpb": loop_state["min_val_bpb"], "final_loss": history[-1]["loss"] if history else None,

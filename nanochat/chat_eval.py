@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import checkpoints_dir_for, find_largest_model, find_last_step, load_model
-from nanochat.common import atomic_write, autocast_for, print0
+from nanochat.common import atomic_write, autocast_for, eval_dtype, print0
 from nanochat.engine import Engine
 from nanochat.pipes import run_training
 from nanochat.tasks import ARC, GSM8K, MMLU, DatasetUnavailableError, HumanEval, SpellingBee, Task
@@ -339,7 +339,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
+    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda, fp32 on CPU)")
     p.add_argument("--data-dir", default=None, help="local task data (default: hub, else the shared data)")
     p.add_argument("--output", default=None, help="write the result as JSON to this file")
     p.add_argument("--seed", type=int, default=42)
@@ -367,7 +367,7 @@ def evaluate(args, rank, world_size, device, reporter) -> dict:
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
     print0(f"evaluating {args.source} {tag} step {step} on {', '.join(tasks)} ({world_size} rank(s), {device})")
 
-    with autocast_for(device, args.dtype):
+    with autocast_for(device, args.dtype or eval_dtype(device)):
         result = run_chat_eval(model, tokenizer, device, tasks, max_per_task=args.max_per_task,
                                batch_size=args.batch_size, num_samples=args.num_samples,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Supervised fine-tuning on a conversation mixture")
     p.add_argument("--device-type", default="")
     p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                   help="torch.compile with dynamic shapes (auto: no, SFT batches vary in length)")
     p.add_argument("--source", default="mid", choices=["base", "mid"], help="checkpoint to start from")
     p.add_argument("--model-tag", default=None)
     p.add_argument("--step", type=int, default=None)
@@ -132,6 +134,12 @@ def train(args, rank, world_size, device, reporter) -> dict:
         print0(f"resumed SFT from {checkpoint_dir} step {step}")
     start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
     train_loader = SFTBatchLoader(tokenizer, train_set, B, T, device, rank, world_size, loader_state)
+    # SFT batches are padded to their longest conversation, so shapes change from step to step: a static compile
+    # would recompile per length and a dynamic one gains little, so auto stays eager (as the original does).
+    use_compile = args.compile == "yes"
+    print0(f"torch.compile: {'yes (dynamic shapes)' if use_compile else 'no'} "
+           f"({'--compile=yes' if use_compile else 'variable-length batches'})")
+    train_model = torch.compile(model, dynamic=True) if use_compile else model
 
     losses: list[float] = []
     tokens_per_sec = 0.0
@@ -163,7 +171,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         for _ in range(grad_accum_steps):
             x, y = next(train_loader)
             with autocast:
-                loss = model(x, y)
+                loss = train_model(x, y)
             (loss / grad_accum_steps).backward()
             num_tokens += int((y >= 0).sum())
             local_tokens += train_loader.batch_tokens

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import autocast_for, get_base_dir, get_shared_data_dir
+from nanochat.common import autocast_for, eval_dtype, get_base_dir, get_shared_data_dir
 
 logger = logging.getLogger("nanochat")
 
@@ -345,14 +345,16 @@ def score_rows(model, rows: list[list[int]], spans: list[tuple[int, int]], task_
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     ids = ids.to(device)
-    logits = model(ids)  # (B, T, V); padding sits after every real token, so causal attention ignores it
+    # Padding sits after every real token, so causal attention ignores it. Only the positions that predict a
+    # continuation token go through lm_head: at vocab 65,536 unembedding a whole 10-shot prompt costs several
+    # times the transformer itself, and its (B, T, V) logits take gigabytes.
+    hidden = model.hidden_states(ids)
     if task_type == "language_modeling":
         start, end = spans[0]
-        predicted = logits[0, start - 1 : end - 1].argmax(dim=-1)
+        predicted = model.unembed(hidden[0, start - 1 : end - 1]).argmax(dim=-1)
         return bool(torch.equal(predicted, ids[0, start:end]))
-    # Mean cross-entropy of each row's continuation, from the positions that predict it (log-softmax over just
-    # those positions: at a 65k vocab the whole (B, T, V) tensor in fp32 would be gigabytes).
-    mean_losses = [F.cross_entropy(logits[i, start - 1 : end - 1].float(), ids[i, start:end]).item()
+    # Mean cross-entropy of each row's continuation, from the positions that predict it.
+    mean_losses = [F.cross_entropy(model.unembed(hidden[i, start - 1 : end - 1]).float(), ids[i, start:end]).item()
                    for i, (start, end) in enumerate(spans)]
     return min(range(len(mean_losses)), key=mean_losses.__getitem__)
 
@@ -432,7 +434,7 @@ def evaluate_core(model, tokenizer, device: torch.device | str, bundle_dir: str 
         raise EvalBundleError(f"{bundle / 'eval_meta_data.csv'} has no 'Random baseline' for {no_baseline}; "
                               "add a row per task (column 'Eval Task' = the core.yaml label)")
 
-    autocast = autocast if autocast is not None else autocast_for(device)
+    autocast = autocast if autocast is not None else autocast_for(device, eval_dtype(device))
     results: dict[str, dict] = {}
     missing: list[str] = []
     data_cache: dict[Path, list[dict]] = {}  # hellaswag is two tasks (0-shot and 10-shot) over one file
@@ -440,6 +442,8 @@ def evaluate_core(model, tokenizer, device: torch.device | str, bundle_dir: str 
     model.eval()
     try:
         with autocast:
+            dtype = str(torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                        else model.lm_head.weight.dtype).removeprefix("torch.")
             for task in selected:
                 label, task_type = task["label"], task["task_type"]
                 if not task["path"].is_file():
@@ -473,4 +477,5 @@ def evaluate_core(model, tokenizer, device: torch.device | str, bundle_dir: str 
         "missing": missing,
         "examples": examples,
         "examples_per_sec": examples / seconds if seconds > 0 else 0.0,
+        "dtype": dtype,
     }

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.chunked_loss import softcap_cross_entropy
+
 LOGIT_SOFTCAP = 15.0
 ROPE_BASE = 10_000
 
@@ -245,14 +247,29 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) when targets is None ((B, 1, V) with last_only), else the cross-entropy loss
         (ignore_index -1)."""
-        B, T = idx.size()
+        x = self.hidden_states(idx, kv_cache)
+        if last_only and targets is None:
+            # Prefill needs only the next token's logits; the unembedding of every prompt position would cost
+            # T x n_embd x vocab FLOPs (at vocab 65,536 several times the whole transformer's).
+            x = x[:, -1:]
+
+        if targets is not None:
+            # lm_head + soft-cap + cross-entropy in blocks of rows (nanochat/chunked_loss.py): the same loss, in
+            # fp32, without the (tokens x vocab) logits in memory.
+            return softcap_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                         LOGIT_SOFTCAP, reduction=loss_reduction)
+        return self.unembed(x)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """The final normed activations (B, T, n_embd), before lm_head: callers that need the logits of only a
+        few positions (CORE scores continuation tokens) unembed just those."""
+        T = idx.size(1)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):
             raise ValueError(
                 f"sequence of {T0 + T} tokens exceeds the rotary table ({self.cos.size(1)} positions)"
             )
         cos_sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
-
         x = self.transformer.wte(idx)
         if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             # A bf16 embedding (as on CUDA) feeding fp32 layers without autocast: match the layers' dtype.
@@ -261,19 +278,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
-        if last_only and targets is None:
-            # Prefill needs only the next token's logits; the unembedding of every prompt position would cost
-            # T x n_embd x vocab FLOPs (at vocab 65,536 several times the whole transformer's).
-            x = x[:, -1:]
+        return x
 
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits of hidden states x (..., n_embd)."""
         logits = self.lm_head(x)
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
-        if targets is None:
-            return logits
-        logits = logits.float()  # the loss is always computed in fp32
-        return F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction
-        )
+        return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     @torch.inference_mode()
     def generate(

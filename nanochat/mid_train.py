@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat import compile_policy
 from nanochat.checkpoint_manager import (
     checkpoint_dir_for,
     load_model,
@@ -26,6 +27,7 @@ from nanochat.checkpoint_manager import (
 from nanochat.cli import check_ranges
 from nanochat.common import (
     autocast_for,
+    default_dtype,
     grad_accum_steps,
     is_distributed,
     print0,
@@ -61,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="local task data (default: hub, else shared data)")
     p.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
     p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (implies --resume)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                   help="torch.compile (auto: when the planned steps amortise it; see nanochat/compile_policy.py)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--log-every", type=int, default=1)
     return check_ranges(
@@ -122,7 +126,17 @@ def train(args, rank, world_size, device, reporter) -> dict:
 
     losses: list[float] = []
     state_before_xy = train_loader.state_dict()
+    progress_before = train_loader.progress()
     x, y = next(train_loader)
+    if args.num_iterations > 0:
+        planned_steps = args.num_iterations - step
+    else:  # one epoch of the mixture: what one batch advanced the loader says how many steps remain
+        per_batch = max(train_loader.progress() - progress_before, 1e-9)
+        planned_steps = max(0, round((1.0 - progress_before) / (per_batch * accum_steps)))
+    train_model, compile_decision = compile_policy.compile_for_run(
+        model, args.compile, device, args.dtype or default_dtype(device), B, T, world_size, planned_steps,
+        args.total_batch_size)
+    step_times: list[float] = []
     smooth, tok_per_sec = 0.0, 0.0
     while True:
         last_step = is_last_step()
@@ -148,7 +162,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         t0 = time.time()
         for _ in range(accum_steps):
             with autocast:
-                loss = model(x, y)
+                loss = train_model(x, y)
             (loss / accum_steps).backward()
             state_before_xy = train_loader.state_dict()
             x, y = next(train_loader)
@@ -159,6 +173,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         model.zero_grad(set_to_none=True)
         synchronize(device)
         dt = time.time() - t0
+        step_times.append(dt)
         step += 1
         smooth = 0.9 * smooth + 0.1 * loss.item()
         losses.append(smooth / (1 - 0.9**step))
@@ -168,6 +183,8 @@ def train(args, rank, world_size, device, reporter) -> dict:
                    f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}")
             reporter.metrics(step, loss=losses[-1], progress=progress())
 
+    if rank == 0:
+        compile_policy.record(compile_decision.key, compile_decision.compile, step_times)
     summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
                "final_loss": losses[-1] if losses else None, "tok_per_sec": tok_per_sec, "losses": losses}
     reporter.result({**{k: v for k, v in summary.items() if k != "losses"}, "loss_curve": loss_curve(losses)})

@@ -9,25 +9,38 @@ one, and the updated parameters are all-gathered back. Optimizer state is theref
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
-from nanochat.common import is_distributed, reduce_scatter_avg
+from nanochat.common import cpu_has_fast_bf16, is_distributed, reduce_scatter_avg
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
+    return cpu_has_fast_bf16()
+
+
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs and on CPUs with bf16 hardware (AVX-512 BF16 / AMX): the iteration only needs singular values
+    in ~[0.7, 1.2], which bf16 holds, and its matmuls run at twice fp32's rate or better there. fp32 on other CPUs,
+    which emulate bf16 matmuls ~100x slower than fp32."""
+    return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and _cpu_bf16()) else torch.float32
 
 
 def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """
     Approximately orthogonalise G (replace its singular values by ~1). The quintic coefficients are tuned to
     push small singular values up fast rather than to converge exactly, so results land in ~[0.7, 1.2],
-    which is what Muon wants. Runs in bf16 on GPUs (the iteration is stable there and tensor cores are fast);
-    in fp32 elsewhere, because CPUs without AVX-512 BF16 run bf16 matmuls ~100x slower than fp32.
+    which is what Muon wants. Runs in bf16 where bf16 matmuls are fast (see ns_dtype).
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(ns_dtype(G.device))
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT  # iterate on the wide orientation: X @ X^T is then the smaller Gram matrix

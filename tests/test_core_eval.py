@@ -42,8 +42,8 @@ from nanochat.tokenizer import compute_token_bytes
 
 MISSING = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]  # core.yaml order; their files are not shipped
 RESULT_KEYS = {"source", "model_tag", "step", "core", "core_label", "core_tasks_covered", "core_tasks_total",
-               "core_tasks", "core_missing", "core_skipped", "core_examples_per_sec", "train_bpb", "val_bpb",
-               "bpb_skipped", "samples", "eval_time_s"}
+               "core_tasks", "core_missing", "core_skipped", "core_examples_per_sec", "core_dtype", "train_bpb",
+               "val_bpb", "bpb_skipped", "samples", "eval_time_s"}
 
 
 def tiny_model(seq_len: int = 128, lm_head_std: float = 0.0, seed: int = 0) -> GPT:
@@ -448,3 +448,44 @@ def test_two_processes_give_the_same_core_as_one(tmp_path, eval_env):
         {k: v["accuracy"] for k, v in single["core_tasks"].items()}
     assert all(t["examples"] == 5 for t in ddp["core_tasks"].values())
     assert out.count("CORE[18/22]: ") == 1  # only rank 0 prints
+
+
+def test_scoring_only_the_continuation_positions_gives_the_full_logits_answers(bundle, small_tokenizer):
+    """score_rows unembeds only the positions that predict a continuation token; on a fixed model every example of
+    every available task gets the answer that the full (B, T, V) logits give (the previous way)."""
+    import torch.nn.functional as F
+
+    from nanochat.core_eval import load_core_tasks, score_rows
+
+    def full_logits_answer(model, rows, spans, task_type, pad_id):
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+        logits = model(ids)
+        if task_type == "language_modeling":
+            start, end = spans[0]
+            return bool(torch.equal(logits[0, start - 1 : end - 1].argmax(-1), ids[0, start:end]))
+        losses = [F.cross_entropy(logits[i, s - 1 : e - 1].float(), ids[i, s:e]).item() for i, (s, e) in
+                  enumerate(spans)]
+        return min(range(len(losses)), key=losses.__getitem__)
+
+    model = tiny_model(lm_head_std=0.1).eval()
+    compared = 0
+    for task in load_core_tasks(bundle):
+        if not task["path"].is_file():
+            continue
+        data = load_task_data(task["path"], task["task_type"])[:5]
+        for idx, item in enumerate(data):
+            fewshot = [data[i] for i in sample_fewshot(len(data), idx, min(task["num_fewshot"], 2))]
+            rows, spans = example_batch(small_tokenizer, item, task["task_type"], task["delimiter"], fewshot, 128)
+            with torch.inference_mode():
+                expected = full_logits_answer(model, rows, spans, task["task_type"], 0)
+                got = score_rows(model, rows, spans, task["task_type"], 0, "cpu")
+            assert got == expected, (task["label"], idx)
+            compared += 1
+    assert compared >= 50
+
+
+def test_core_reports_the_dtype_it_ran_in(core_result):
+    assert core_result["dtype"] == "float32"  # CPU evals run in fp32 unless asked (see common.eval_dtype)
