@@ -144,3 +144,25 @@ def test_muon_flops_count_the_newton_schulz_matmuls():
     # 4 square 4x4 attention matrices and two 4x16 MLP matrices, 5 iterations each.
     square, wide = 4 * 4**3 + 2 * 4**3, 4 * 16 * 16 + 2 * 4**3
     assert bench.muon_flops_per_step(model) == 5 * (4 * square + 2 * wide)
+
+
+def test_gpu_check_dry_run_runs_every_step_at_cpu_size(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the plan, then each step (bench train x2, decode, core, tokenizer, torchrun
+    base_train with a save, then --resume) at CPU size, every JSON line under $OUT and a summary table.
+    ~25 s of CPU time; 84 s of wall time on the shared 2-core machine."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("NANOCHAT_BASE_DIR", None)
+    out = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "torchrun --resume" in out.stdout.split("==")[1]  # the plan comes first
+    steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["rc"] for s in steps] == [0] * 7
+    decode = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()
+              if line.startswith("{")]
+    assert [d["batch"] for d in decode] == [1, 8, 32]
+    summary = (tmp_path / "summary.txt").read_text()
+    for figure in ("train d1 tok/s", "train d2 tok/s", "decode batch 32", "core examples/s (float32)",
+                   "base_train tok/s", "(resumed)"):
+        assert figure in summary, figure
+    assert (tmp_path / "base" / "base_checkpoints" / "gpucheck").is_dir()
