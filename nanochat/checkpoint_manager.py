@@ -24,8 +24,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint_checks import (
+    CheckpointError,
+    check_finite,
+    check_fits,
+    check_state_dict,
+    parse_meta,
+    parse_model_config,
+)
 from nanochat.common import all_ranks, atomic_write, get_base_dir
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
+from nanochat.safe_io import MAX_JSON_BYTES, load_torch_file, memory_limit_bytes, read_bounded, short
 
 logger = logging.getLogger("nanochat")
 
@@ -35,10 +44,6 @@ PHASE_DIRS = {
     "sft": "chatsft_checkpoints",
     "rl": "chatrl_checkpoints",
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, or does not match the model it should load into."""
 
 
 # -----------------------------------------------------------------------------
@@ -143,17 +148,27 @@ def _strip_compile_prefix(key: str) -> str:
 
 
 def _torch_load(path: Path, device) -> object:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... depending on the damage
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"cannot read checkpoint file {path} ({size} bytes): {type(e).__name__}: {str(e).splitlines()[0]}. "
-            "The file is truncated, corrupt, or not a weights-only PyTorch checkpoint; "
-            "re-save it or load an earlier step."
-        ) from e
+    """A weights-only, bounded, checked torch.load of one checkpoint file (see nanochat/safe_io.py)."""
+    obj = load_torch_file(path, memory_limit_bytes(), CheckpointError)
+    return _to_device(obj, torch.device(device))
+
+
+def _to_device(obj, device: torch.device):
+    if device.type == "cpu":
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def read_meta(checkpoint_dir: str | os.PathLike, step: int) -> dict:
+    """meta_<step>.json: a bounded read of a regular file, a JSON object whose known fields have the right types."""
+    path = meta_path(checkpoint_dir, step)
+    return parse_meta(read_bounded(path, MAX_JSON_BYTES, CheckpointError, "metadata file"), path)
 
 
 def load_checkpoint(
@@ -165,38 +180,40 @@ def load_checkpoint(
 ) -> tuple[dict, object, dict]:
     """Return (model_state_dict, optimizer_data or None, meta_data) for one saved step."""
     checkpoint_dir = Path(checkpoint_dir)
+    meta_data = read_meta(checkpoint_dir, step)  # first: it is small, and says what the model file must hold
     model_data = _torch_load(model_path(checkpoint_dir, step), device)
-    if not isinstance(model_data, dict):
+    if not isinstance(model_data, dict) or not all(isinstance(k, str) for k in model_data):
         raise CheckpointError(f"{model_path(checkpoint_dir, step)} holds a {type(model_data).__name__}, "
-                              "expected a state_dict (dict of tensors)")
+                              "expected a state_dict (dict of name -> tensor)")
     model_data = {_strip_compile_prefix(k): v for k, v in model_data.items()}
     optimizer_data = _torch_load(optim_path(checkpoint_dir, step, rank), device) if load_optimizer else None
-    mpath = meta_path(checkpoint_dir, step)
-    if not mpath.exists():
-        raise CheckpointError(f"metadata file {mpath} does not exist (it is written beside every model_*.pt)")
-    try:
-        meta_data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"metadata file {mpath} is not valid JSON: {e}") from e
     return model_data, optimizer_data, meta_data
 
 
 def load_training_state(checkpoint_dir, step: int, model, optimizers, device, rank: int, world_size: int) -> dict:
     """Restore the model and this rank's optimizer shard from a saved step, for --resume; return its meta."""
-    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    # The meta first: a wrong world size or model shape is refused before the (large) model file is read.
+    meta = read_meta(checkpoint_dir, step)
     saved_world = meta.get("world_size", world_size)
     if saved_world != world_size:
         raise CheckpointError(f"{checkpoint_dir} step {step} was saved by {saved_world} ranks (optimizer state is "
                               f"sharded per rank); resume it with --nproc_per_node={saved_world}, not {world_size}")
     if meta.get("model_config") != model.config.to_dict():
         raise CheckpointError(f"cannot resume: {meta_path(checkpoint_dir, step)} has model_config "
-                              f"{meta.get('model_config')}, this run builds {model.config.to_dict()}")
+                              f"{short(meta.get('model_config'), 300)}, this run builds {model.config.to_dict()}")
+    model_data, optim_data, meta = load_checkpoint(checkpoint_dir, step, device, load_optimizer=True, rank=rank)
+    check_state_dict(model.config, model_data, model_path(checkpoint_dir, step))
+    check_finite(model_data, model_path(checkpoint_dir, step), allow_nonfinite=False)
     model.load_state_dict(model_data, strict=True)
     if not isinstance(optim_data, list) or len(optim_data) != len(optimizers):
         raise CheckpointError(f"{optim_path(checkpoint_dir, step, rank)} does not hold {len(optimizers)} optimizer "
                               "states ([AdamW, Muon])")
-    for opt, state in zip(optimizers, optim_data):
-        opt.load_state_dict(state)
+    for i, (opt, state) in enumerate(zip(optimizers, optim_data)):
+        try:
+            opt.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{optim_path(checkpoint_dir, step, rank)}: optimizer state {i} does not fit this "
+                                  f"run's {type(opt).__name__}: {type(e).__name__}: {short(str(e), 200)}") from None
     return meta
 
 
@@ -222,6 +239,9 @@ def resume_training(
     meta = load_training_state(checkpoint_dir, step, model, optimizers, device, rank, world_size)
     rank_states = meta.get("dataloader_state_dicts")
     if rank_states:
+        if len(rank_states) != world_size or not isinstance(rank_states[rank], dict | None):
+            raise CheckpointError(f"{meta_path(checkpoint_dir, step)}: field 'dataloader_state_dicts' must hold one "
+                                  f"object per rank ({world_size}), got {short(rank_states, 120)}")
         return step, meta, rank_states[rank]
     if world_size > 1:
         # Saved before per-rank states existed: rank 0's position is exact for rank 0 only.
@@ -234,56 +254,43 @@ def resume_training(
 # Build a model from a checkpoint
 
 
-def _check_state_dict(model: GPT, state: dict, source: Path) -> None:
-    """Name every missing, unexpected and wrongly shaped key instead of load_state_dict's first complaint."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad_shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or bad_shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if bad_shapes:
-            parts.append(f"shape mismatches {bad_shapes[:8]}")
-        raise CheckpointError(
-            f"checkpoint {source} does not match model_config {model.config.to_dict()}: " + "; ".join(parts)
-        )
-
-
-def model_from_state_dict(model_data: dict, model_config: dict, device, source: Path | str = "<memory>") -> GPT:
-    """Build a GPT from its config on `device` and load the weights (strict)."""
-    try:
-        config = GPTConfig(**model_config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {source} has an invalid model_config {model_config}: {e}") from e
+def model_from_state_dict(model_data: dict, model_config: dict, device, source: Path | str = "<memory>",
+                          allow_nonfinite: bool = False) -> GPT:
+    """
+    Build a GPT from its config on `device` and load the weights (strict). Everything is checked before anything
+    is allocated: the config's fields and the memory it implies, then every key, shape, stride and dtype, then that
+    every weight is finite; only then are weights converted (bf16 -> fp32 on CPU) and the model built.
+    """
+    config = parse_model_config(model_config, source)
+    check_fits(config, device, source)
+    check_state_dict(config, model_data, Path(str(source)))
+    check_finite(model_data, source, allow_nonfinite)
     device = torch.device(device)
     if device.type in ("cpu", "mps"):
         # GPU-trained checkpoints keep the embedding in bf16; CPU/MPS run everything in fp32.
         model_data = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_data.items()}
     with torch.device("meta"):
         model = GPT(config)
-    _check_state_dict(model, model_data, Path(str(source)))
     model.to_empty(device=device)
     model.init_rotary()  # rotary tables are not in the checkpoint; the weights are assigned next
     model.load_state_dict(model_data, strict=True, assign=True)
     return model
 
 
-def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str = "eval", tokenizer=None):
+def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str = "eval", tokenizer=None,
+                allow_nonfinite: bool = False):
     """Load (model, tokenizer, meta). phase 'eval' puts the model in eval mode, 'train' in train mode."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    # The config is checked (fields, implied memory) before the model file is even opened.
+    meta = read_meta(checkpoint_dir, step)
     if "model_config" not in meta:
         raise CheckpointError(f"{meta_path(checkpoint_dir, step)} has no 'model_config'")
-    model = model_from_state_dict(model_data, meta["model_config"], device, model_path(checkpoint_dir, step))
+    check_fits(parse_model_config(meta["model_config"], meta_path(checkpoint_dir, step)), device,
+               meta_path(checkpoint_dir, step))
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model = model_from_state_dict(model_data, meta["model_config"], device, model_path(checkpoint_dir, step),
+                                  allow_nonfinite)
     model.train() if phase == "train" else model.eval()
     source = "the tokenizer passed in"
     if tokenizer is None:

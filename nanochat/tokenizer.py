@@ -16,7 +16,7 @@ import pickle
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import rustbpe
 import tiktoken
@@ -25,6 +25,17 @@ import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanochat.common import atomic_write, get_base_dir
+from nanochat.safe_io import load_torch_file, read_bounded, short
+from nanochat.tokenizer_pickle import (  # noqa: F401 - re-exported: the errors are part of this module's API
+    HOW_TO_CREATE,
+    MAX_TOKENIZER_BYTES,
+    MAX_VOCAB,
+    CorruptTokenizerFile,
+    TokenizerFileError,
+    UnsafeTokenizerPickle,
+    as_tokenizer_error,
+    load_encoding_pickle,
+)
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; also the document delimiter and the eval pad token
@@ -48,7 +59,7 @@ SPLIT_PATTERN = (
 PKL_NAME = "tokenizer.pkl"
 JSON_NAME = "tokenizer.json"
 TOKEN_BYTES_NAME = "token_bytes.pt"
-HOW_TO_CREATE = "create it with `python -m nanochat.tok_train`"
+PROBE_TEXT = "Hello, world! 12345 naïve café — 東京 🙂\n\tend"  # a loaded tokenizer must round-trip this
 
 Conversation = dict[str, Any]  # {"messages": [{"role": ..., "content": ...}, ...]}
 
@@ -244,7 +255,11 @@ class RustBPETokenizer(TokenizerBase):
 
     @classmethod
     def from_directory(cls, tokenizer_dir: str | os.PathLike) -> RustBPETokenizer:
-        return cls(load_encoding_pickle(Path(tokenizer_dir) / PKL_NAME))
+        path = Path(tokenizer_dir) / PKL_NAME
+        enc = load_encoding_pickle(path)
+        with as_tokenizer_error(path, "is not a usable tokenizer"):
+            tokenizer = cls(enc)
+        return _probed(tokenizer, path)
 
     def save(self, tokenizer_dir: str | os.PathLike) -> None:
         """Pickle the tiktoken Encoding to `tokenizer.pkl` (the original nanochat format)."""
@@ -324,7 +339,10 @@ class HuggingFaceTokenizer(TokenizerBase):
         path = Path(tokenizer_dir) / JSON_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}; save one with HuggingFaceTokenizer.save()")
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        text = read_bounded(path, MAX_TOKENIZER_BYTES, TokenizerFileError, "tokenizer file")
+        with as_tokenizer_error(path, "is not a valid tokenizers JSON file"):
+            tokenizer = cls(tokenizers.Tokenizer.from_str(text.decode("utf-8")))
+        return _probed(tokenizer, path)
 
     def save(self, tokenizer_dir: str | os.PathLike) -> None:
         text = self.tokenizer.to_str()
@@ -354,77 +372,18 @@ class HuggingFaceTokenizer(TokenizerBase):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loading tokenizer.pkl safely: a pickle can run arbitrary code, so admit only what a tiktoken Encoding needs
-
-
-class UnsafeTokenizerPickle(pickle.UnpicklingError):
-    """tokenizer.pkl references something other than a tiktoken Encoding built from plain data."""
-
-
-class CorruptTokenizerFile(pickle.UnpicklingError):
-    """tokenizer.pkl is truncated, corrupt, or not a tiktoken Encoding."""
-
-
-class _EncodingState:
-    """Stand-in for tiktoken.core.Encoding while unpickling: it only records the pickled state (a dict of
-    plain data) so we can check it before constructing the real Encoding ourselves."""
-
-    state: object = None
-
-    def __setstate__(self, state: object) -> None:
-        self.state = state
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], path: Path):
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        # pickle.dumps(Encoding) references exactly one global, tiktoken.core.Encoding (NEWOBJ + BUILD); every
-        # other object in it is a str/bytes/int/dict literal that needs no lookup.
-        if (module, name) == ("tiktoken.core", "Encoding"):
-            return _EncodingState
-        raise UnsafeTokenizerPickle(
-            f"{self.path} references {module}.{name}; refusing to load it: a tokenizer.pkl may only "
-            f"contain a tiktoken Encoding. Do not load files from untrusted sources; {HOW_TO_CREATE}"
-        )
-
-
-def load_encoding_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
-    """Load a pickled tiktoken Encoding (tokenizer.pkl) without executing code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}; {HOW_TO_CREATE}")
-    try:
-        with open(path, "rb") as f:
-            loaded = _RestrictedUnpickler(f, path).load()
-    except UnsafeTokenizerPickle:
-        raise
-    except Exception as e:  # a damaged pickle can fail in many ways (EOFError, KeyError, ValueError, ...)
-        raise CorruptTokenizerFile(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); {HOW_TO_CREATE}") from e
-    if not isinstance(loaded, _EncodingState):
-        raise CorruptTokenizerFile(f"{path} holds a {type(loaded).__name__}, not a tiktoken Encoding")
-    return _encoding_from_state(loaded.state, path)
-
-
-def _encoding_from_state(state: object, path: Path) -> tiktoken.Encoding:
-    # A str state means "the registered encoding of that name", which tiktoken would download: refuse.
-    if not isinstance(state, dict) or set(state) != {"name", "pat_str", "mergeable_ranks", "special_tokens"}:
-        raise CorruptTokenizerFile(f"{path} does not hold a self-contained tiktoken Encoding (state: {state!r:.80})")
-    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
-    well_typed = (
-        isinstance(state["name"], str)
-        and isinstance(state["pat_str"], str)
-        and isinstance(ranks, dict)
-        and all(type(k) is bytes and type(v) is int for k, v in ranks.items())
-        and isinstance(specials, dict)
-        and all(type(k) is str and type(v) is int for k, v in specials.items())
-    )
-    if not well_typed:
-        raise CorruptTokenizerFile(f"{path} holds a tiktoken Encoding with malformed fields")
-    return tiktoken.Encoding(state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks, special_tokens=specials)
+def _probed(tokenizer: TokenizerBase, path: Path) -> TokenizerBase:
+    """Encode and decode a probe text once, so a tokenizer that panics or garbles text is refused at load, not in
+    the middle of a chat; and check every special token the chat format needs is there."""
+    with as_tokenizer_error(path, "cannot encode text"):
+        missing = [t for t in SPECIAL_TOKENS if t not in tokenizer._special_ids]
+        if missing:
+            raise CorruptTokenizerFile(f"{path} lacks the special tokens {missing}; {HOW_TO_CREATE}")
+        ids = tokenizer.encode(PROBE_TEXT)
+        back = tokenizer.decode(ids)
+    if back != PROBE_TEXT:
+        raise CorruptTokenizerFile(f"{path} does not round-trip text: {PROBE_TEXT!r} decodes back as {short(back)}")
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -469,7 +428,11 @@ def get_token_bytes(device: str | torch.device = "cpu", base_dir: str | os.PathL
     path = _tokenizer_dir(base_dir) / TOKEN_BYTES_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no token bytes at {path}; {HOW_TO_CREATE}")
-    return torch.load(path, map_location=device, weights_only=True)
+    token_bytes = load_torch_file(path, MAX_VOCAB * 8 + (1 << 20), TokenizerFileError, "token bytes file")
+    if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1 or token_bytes.is_floating_point():
+        raise TokenizerFileError(f"{path} must hold a 1-D integer tensor (bytes per token), got {short(token_bytes)}; "
+                                 f"{HOW_TO_CREATE}")
+    return token_bytes.to(device)
 
 
 def _tokenizer_dir(base_dir: str | os.PathLike | None) -> Path:

@@ -101,7 +101,8 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, small_tokenizer):
 
     with open(tmp_path / "model_000001.pt", "wb") as f:
         pickle.dump({"transformer.wte.weight": Evil()}, f, protocol=2)
-    (tmp_path / "meta_000001.json").write_text(json.dumps({"model_config": {}}))
+    config = trained_model(small_tokenizer.get_vocab_size()).config.to_dict()
+    (tmp_path / "meta_000001.json").write_text(json.dumps({"model_config": config}))
     with pytest.raises(CheckpointError, match="model_000001.pt"):
         build_model(tmp_path, 1, "cpu", tokenizer=small_tokenizer)
     assert not marker.exists()

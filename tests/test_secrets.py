@@ -69,7 +69,7 @@ def test_every_load_of_untrusted_bytes_is_a_safe_one():
                 problems.append(f"{where}:{call.lineno}: yaml.load without a SafeLoader")
             elif name in ("np.load", "numpy.load") and is_true(keyword(call, "allow_pickle")):
                 problems.append(f"{where}:{call.lineno}: np.load(allow_pickle=True)")
-    assert torch_loads >= 2, "found no torch.load at all: the search is broken"
+    assert torch_loads >= 1, "found no torch.load at all: the search is broken"
     assert problems == []
 
 
@@ -92,7 +92,7 @@ def test_the_one_pickle_reader_admits_only_the_tokenizer_class():
     # tokenizer.pkl is a pickle by format (the original nanochat's); its reader overrides find_class.
     readers = [(path, node) for path in CODE for node in ast.walk(parse(path))
                if isinstance(node, ast.ClassDef) and "pickle.Unpickler" in map(ast.unparse, node.bases)]
-    assert [p.name for p, _ in readers] == ["tokenizer.py"]
+    assert [p.name for p, _ in readers] == ["tokenizer_pickle.py"]
     assert any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in readers[0][1].body)
 
 
