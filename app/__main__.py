@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from app.models import ModelManager, local_candidate
-    from app.ui import CSS, build_ui
+    from app.ui import CSS, MAX_UPLOAD_BYTES, build_ui
     from nanochat.common import autodetect_device_type
     from orchestration.artifact_store import artifact_store_from_url
 
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                     stream_every=args.stream_every)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     app, url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                                      auth=args.auth, prevent_thread_lock=True, css=CSS, footer_links=[])
+                                      auth=args.auth, prevent_thread_lock=True, css=CSS, footer_links=[],
+                                      max_file_size=MAX_UPLOAD_BYTES)
     add_health_route(app, manager)
     manager.start_watcher(args.poll_seconds)
     print(f"nanochat app: {url} (health: {url.rstrip('/')}/health){f', public: {share_url}' if share_url else ''}",

@@ -27,10 +27,11 @@ import torch
 from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
 from nanochat.common import default_dtype
 from nanochat.engine import Engine
+from nanochat.safe_io import is_panic, short
 from nanochat.tokenizer import load_tokenizer
 from orchestration import eval_queries, eval_store
 from orchestration.artifact_store import MANIFEST_NAME, ArtifactStore
-from orchestration.promotion import LATEST_KEY, read_pointer
+from orchestration.promotion import LATEST_KEY, check_pointer, read_pointer
 
 log = logging.getLogger("app")
 
@@ -59,6 +60,7 @@ class Candidate:
     scores: dict[str, float] = field(default_factory=dict)  # e.g. {"CORE": 0.21, "ChatCORE[5/6]": 0.3}
     promoted: bool = False  # named by promoted/latest.json right now
     origin: str | None = None  # an imported checkpoint's source (hf:OWNER/REPO, s3://..., a path)
+    error: str | None = None  # why it could not be loaded the last time it was tried (shown in the picker)
 
     def label(self) -> str:
         where = " ".join(x for x in (self.profile, self.model_tag) if x) or self.source
@@ -71,6 +73,8 @@ class Candidate:
             parts.append(str(self.checkpoint_dir))
         if self.origin:
             parts.append(f"from {self.origin}")
+        if self.error:
+            parts.append(f"⚠ unavailable: {short(self.error, 160)}")
         return " · ".join(parts)
 
 
@@ -106,15 +110,23 @@ def _parse_stamp(value: Any) -> datetime | None:
 def _pointer_scores(scores: dict) -> dict[str, float]:
     out = {}
     for name, label in (("core", "CORE"), ("chatcore", "ChatCORE")):
+        custom = scores.get(f"{name}_label")
         if isinstance(scores.get(name), (int, float)):
-            out[scores.get(f"{name}_label") or label] = float(scores[name])
+            out[custom[:40] if isinstance(custom, str) and custom else label] = float(scores[name])
     return out
 
 
-def from_pointer(store: ArtifactStore, pointer: dict, source: str) -> Candidate:
+def is_failure(e: BaseException) -> bool:
+    """An error one bad artifact can cause: any Exception, or a Rust panic from tiktoken/tokenizers (a
+    BaseException). KeyboardInterrupt and SystemExit are not: they still stop the app."""
+    return isinstance(e, Exception) or is_panic(e)
+
+
+def from_pointer(store: ArtifactStore, pointer: dict, source: str, where: str = "the promotion pointer") -> Candidate:
+    pointer = check_pointer(pointer, where)
     ck = pointer["checkpoint"]
     return Candidate(
-        id=ck["key"], stage=ck.get("stage", "sft"), step=ck.get("step"), source=source, checkpoint_key=ck["key"],
+        id=ck["key"], stage=ck.get("stage") or "sft", step=ck.get("step"), source=source, checkpoint_key=ck["key"],
         tokenizer_key=pointer["tokenizer"]["key"], uri=ck.get("uri") or store.uri(ck["key"]), sha256=ck.get("sha256"),
         profile=pointer.get("profile"), model_tag=ck.get("model_tag"), date=_parse_stamp(pointer.get("promoted_at")),
         scores=_pointer_scores(pointer.get("scores") or {}), origin=pointer.get("source"),
@@ -167,12 +179,13 @@ def discover(store: ArtifactStore | None, db_path: str | Path | None = None,
     if store is not None:
         try:
             pointer = read_pointer(store, LATEST_KEY)
+            if pointer is not None:
+                promoted = from_pointer(store, pointer, "promoted", store.uri(LATEST_KEY))
+                promoted.promoted = True
+                candidates.append(promoted)
         except Exception as e:  # unreachable S3, a malformed pointer: the app still serves what it can
-            notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {e}")
-        if pointer:
-            promoted = from_pointer(store, pointer, "promoted")
-            promoted.promoted = True
-            candidates.append(promoted)
+            pointer = None
+            notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {short(str(e), 300)}")
         candidates += _history(store, notes)
         candidates += _published(store, notes)
     index, note = read_eval_index(db_path)
@@ -201,10 +214,14 @@ def _history(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
     out = []
     try:
         keys = [k for k in store.list_keys(HISTORY_PREFIX) if k.endswith(".json")]
-        for key in sorted(keys, reverse=True)[:MAX_HISTORY]:  # names start with the UTC time: newest first
-            out.append(from_pointer(store, store.read_json(key), "history"))
     except Exception as e:
-        notes.append(f"cannot read the promotion history: {e}")
+        notes.append(f"cannot read the promotion history: {short(str(e), 300)}")
+        return out
+    for key in sorted(keys, reverse=True)[:MAX_HISTORY]:  # names start with the UTC time: newest first
+        try:  # one bad entry hides only itself
+            out.append(from_pointer(store, store.read_json(key), "history", store.uri(key)))
+        except Exception as e:
+            notes.append(f"skipped promotion history entry {store.uri(key)}: {short(str(e), 300)}")
     return out
 
 
@@ -324,7 +341,18 @@ class ModelManager:
         self._stop = threading.Event()
 
     def refresh(self) -> list[Candidate]:
-        candidates, pointer, notes = discover(self.store, self.db_path, self.local)
+        """Re-read what can be served. Never raises: what cannot be read becomes a note, and the list it had stays."""
+        try:
+            candidates, pointer, notes = discover(self.store, self.db_path, self.local)
+        except BaseException as e:
+            if not is_failure(e):
+                raise
+            log.error("refreshing the model list failed: %s", e)
+            self.notes = [*self.notes, f"refreshing the model list failed: {short(str(e), 300)}"][-20:]
+            return self.candidates
+        errors = {c.id: c.error for c in self.candidates if c.error}  # remembered until it loads
+        for c in candidates:
+            c.error = errors.get(c.id)
         self.candidates, self.notes = candidates, notes
         if pointer is not None:
             self.pointer_seen = pointer
@@ -347,7 +375,16 @@ class ModelManager:
                     None, current.sha256):
                 return current  # already served (a republished key has a new sha256 and loads again)
             log.info("loading %s", candidate.label())
-            loaded = load_candidate(self.store, candidate, self.device, self.candidates)
+            try:
+                loaded = load_candidate(self.store, candidate, self.device, self.candidates)
+            except BaseException as e:
+                if not is_failure(e):
+                    raise
+                candidate.error = f"{type(e).__name__}: {short(str(e), 400)}"
+                if isinstance(e, Exception):
+                    raise
+                raise CheckpointError(f"loading {candidate.id} failed: {candidate.error}") from None
+            candidate.error = None
             self.current = loaded
             if self.offer is not None and self.offer.id == candidate_id:
                 self.offer = None
@@ -363,7 +400,7 @@ class ModelManager:
             try:
                 return self.load(c.id)
             except Exception as e:
-                self.notes.append(f"could not load {c.label()}: {e}")
+                self.notes.append(f"could not load {c.id}: {short(str(e), 300)}")
                 log.error("could not load %s: %s", c.id, e)
                 if c.source == "command line":
                     raise  # the user asked for exactly this one: do not silently serve another
@@ -401,8 +438,10 @@ class ModelManager:
             while not self._stop.wait(interval):
                 try:
                     self.check_promotion()
-                except Exception as e:  # a store hiccup must not end the watcher
-                    log.warning("promotion check failed: %s", e)
+                except BaseException as e:  # a store hiccup or a bad artifact must not end the watcher
+                    if not is_failure(e):
+                        raise
+                    log.warning("promotion check failed: %s", short(str(e), 300))
 
         thread = threading.Thread(target=watch, name="promotion-watcher", daemon=True)
         thread.start()

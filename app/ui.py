@@ -26,10 +26,14 @@ from typing import Any
 import gradio as gr
 
 from app.chat import MAX_INPUT_CHARS, InputError, build_prompt, clean_message, reply_room, stream_reply
-from app.models import ModelManager, describe
+from app.models import ModelManager, describe, is_failure
 from app.scores import read_scores
 
 log = logging.getLogger("app")
+
+# The UI takes no files, but Gradio serves POST /gradio_api/upload for every app and stores what it gets in its temp
+# dir. Passed to launch(max_file_size=...): a bigger upload is refused with 413 while it streams in, never stored.
+MAX_UPLOAD_BYTES = 4096
 
 CSS = """
 #status, #serving { font-size: 0.9em; }
@@ -122,7 +126,9 @@ def generate(manager: ModelManager, state: dict, temperature: float, top_k: floa
         _drop_unanswered(state)
         state["display"].append(notice(f"⚠️ Not sent: {e}", "Edit the message and send it again."))
         yield state["display"], state, f"⚠️ {e}"
-    except Exception as e:
+    except BaseException as e:  # a Rust panic from the tokenizer is a BaseException; stopping (GeneratorExit) is not
+        if not is_failure(e):
+            raise
         log.exception("reply failed")
         state = {**state, "messages": list(messages), "display": list(display)}
         _drop_unanswered(state)

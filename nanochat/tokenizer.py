@@ -337,7 +337,7 @@ class HuggingFaceTokenizer(TokenizerBase):
     @classmethod
     def from_directory(cls, tokenizer_dir: str | os.PathLike) -> HuggingFaceTokenizer:
         path = Path(tokenizer_dir) / JSON_NAME
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; save one with HuggingFaceTokenizer.save()")
         text = read_bounded(path, MAX_TOKENIZER_BYTES, TokenizerFileError, "tokenizer file")
         with as_tokenizer_error(path, "is not a valid tokenizers JSON file"):
@@ -411,9 +411,10 @@ def save_token_bytes(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> RustBPETokenizer | HuggingFaceTokenizer:
     """The tokenizer saved in a directory: tokenizer.pkl (tiktoken, the original format), else tokenizer.json."""
     tokenizer_dir = Path(tokenizer_dir)
-    if (tokenizer_dir / PKL_NAME).is_file():
+    # lexists, not is_file: a FIFO or device planted under the name is refused by the loader, not skipped.
+    if os.path.lexists(tokenizer_dir / PKL_NAME):
         return RustBPETokenizer.from_directory(tokenizer_dir)
-    if (tokenizer_dir / JSON_NAME).is_file():
+    if os.path.lexists(tokenizer_dir / JSON_NAME):
         return HuggingFaceTokenizer.from_directory(tokenizer_dir)
     raise FileNotFoundError(f"no tokenizer ({PKL_NAME} or {JSON_NAME}) in {tokenizer_dir}; {HOW_TO_CREATE}, or pass "
                             "--tokenizer-dir for a --checkpoint outside the standard <base dir> layout")
@@ -426,7 +427,7 @@ def get_tokenizer(base_dir: str | os.PathLike | None = None) -> RustBPETokenizer
 
 def get_token_bytes(device: str | torch.device = "cpu", base_dir: str | os.PathLike | None = None) -> torch.Tensor:
     path = _tokenizer_dir(base_dir) / TOKEN_BYTES_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no token bytes at {path}; {HOW_TO_CREATE}")
     token_bytes = load_torch_file(path, MAX_VOCAB * 8 + (1 << 20), TokenizerFileError, "token bytes file")
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1 or token_bytes.is_floating_point():

@@ -81,7 +81,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def load_encoding_pickle(path: str | os.PathLike) -> tiktoken.Encoding:
     """Load a pickled tiktoken Encoding (tokenizer.pkl) without executing code from the file."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no tokenizer at {path}; {HOW_TO_CREATE}")
     data = read_bounded(path, MAX_TOKENIZER_BYTES, CorruptTokenizerFile, "tokenizer file")
     # A damaged pickle can fail in many ways (EOFError, KeyError, ValueError, RecursionError, MemoryError, ...).

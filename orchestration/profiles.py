@@ -13,6 +13,7 @@ chooses it.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import dagster as dg
@@ -43,6 +44,44 @@ PROFILES: dict[str, dict] = {
     "d26": {**_SPEEDRUN, "depth": 26, "num_shards": 450, "device_batch_size": 16, "mid_device_batch_size": 16},
     "d32": {**_SPEEDRUN, "depth": 32, "num_shards": 800, "device_batch_size": 8, "mid_device_batch_size": 8},
 }
+
+
+# What a real run can use, per field (inclusive). Checked before every other rule, so a value like depth=1e6 or
+# chat_temperature=NaN is refused naming its field instead of sizing a run that cannot exist. A field added to
+# RunProfile gets a line here; a number without one must at least be finite.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "nproc_per_node": (1, 64), "num_shards": (-1, 1823), "tok_max_chars": (1, 10**12), "vocab_size": (266, 1 << 21),
+    "depth": (1, 256), "max_seq_len": (1, 1 << 17), "device_batch_size": (1, 4096), "total_batch_size": (1, 1 << 30),
+    "base_iterations": (-1, 10**8), "eval_every": (-1, 10**8), "eval_tokens": (1, 10**11),
+    "mid_iterations": (-1, 10**8), "mid_device_batch_size": (1, 4096), "sft_iterations": (-1, 10**8),
+    "sft_device_batch_size": (1, 4096), "sft_examples_per_step": (1, 1 << 20), "core_max_per_task": (-1, 10**7),
+    "chat_max_per_task": (-1, 10**7), "chat_max_new_tokens": (1, 1 << 17), "chat_num_samples": (1, 1024),
+    "chat_temperature": (0.0, 10.0), "promotion_tolerance": (0.0, 0.999), "save_every": (0, 10**8),
+    "core_every": (0, 10**8),
+}
+MAX_STRING_CHARS = 4096
+
+
+def _num(x: float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def check_bounds(settings: dict, name: str) -> None:
+    """Every number finite and within BOUNDS, every string short and free of control characters (NUL included)."""
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"profile {name}: {key} must be a finite number, got {value}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and key in BOUNDS:
+            low, high = BOUNDS[key]
+            if not low <= value <= high:
+                raise ValueError(f"profile {name}: {key}={_num(value)} is out of range; a real run uses "
+                                 f"{_num(low)}..{_num(high)}")
+        if isinstance(value, str):
+            if len(value) > MAX_STRING_CHARS:
+                raise ValueError(f"profile {name}: {key} is {len(value):,} characters, over {MAX_STRING_CHARS:,}")
+            bad = next((c for c in value if ord(c) < 32 or 127 <= ord(c) < 160), None)
+            if bad is not None:
+                raise ValueError(f"profile {name}: {key} contains the control character {bad!r}; remove it")
 
 
 class ProfileName(str, Enum):
@@ -134,6 +173,7 @@ class RunProfile(dg.ConfigurableResource):
 
 def validate(name: str, s: dict) -> None:
     """Raise ValueError naming the field when settings s (of profile `name`) cannot run."""
+    check_bounds(s, name)
     if s["device_type"] not in ("cpu", "cuda", "mps"):
         raise ValueError(f"profile {name}: device_type must be cpu, cuda or mps, got {s['device_type']!r}")
     for key in ("nproc_per_node", "vocab_size", "depth", "max_seq_len", "device_batch_size", "total_batch_size",

@@ -62,6 +62,14 @@ def _pointer_problem(pointer: Any) -> str | None:
     return None
 
 
+def check_pointer(pointer: Any, where: str) -> dict[str, Any]:
+    """A pointer read some other way (a promotion history entry): the same checks as read_pointer."""
+    problem = _pointer_problem(pointer)
+    if problem:
+        raise ValueError(f"{where} is not a promotion pointer ({problem}); {_REWRITE}")
+    return pointer
+
+
 def _short(value: Any) -> str:
     text = repr(value) if not isinstance(value, (dict, list)) else f"a JSON {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."
