@@ -27,7 +27,7 @@ import torch
 from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
 from nanochat.common import default_dtype
 from nanochat.engine import Engine
-from nanochat.safe_io import is_panic, short
+from nanochat.safe_io import clip, is_panic
 from nanochat.tokenizer import load_tokenizer
 from orchestration import eval_queries, eval_store
 from orchestration.artifact_store import MANIFEST_NAME, ArtifactStore
@@ -74,7 +74,7 @@ class Candidate:
         if self.origin:
             parts.append(f"from {self.origin}")
         if self.error:
-            parts.append(f"⚠ unavailable: {short(self.error, 160)}")
+            parts.append(f"⚠ unavailable: {clip(self.error, 400)}")
         return " · ".join(parts)
 
 
@@ -185,7 +185,7 @@ def discover(store: ArtifactStore | None, db_path: str | Path | None = None,
                 candidates.append(promoted)
         except Exception as e:  # unreachable S3, a malformed pointer: the app still serves what it can
             pointer = None
-            notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {short(str(e), 300)}")
+            notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {clip(str(e), 300)}")
         candidates += _history(store, notes)
         candidates += _published(store, notes)
     index, note = read_eval_index(db_path)
@@ -215,13 +215,13 @@ def _history(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
     try:
         keys = [k for k in store.list_keys(HISTORY_PREFIX) if k.endswith(".json")]
     except Exception as e:
-        notes.append(f"cannot read the promotion history: {short(str(e), 300)}")
+        notes.append(f"cannot read the promotion history: {clip(str(e), 300)}")
         return out
     for key in sorted(keys, reverse=True)[:MAX_HISTORY]:  # names start with the UTC time: newest first
         try:  # one bad entry hides only itself
             out.append(from_pointer(store, store.read_json(key), "history", store.uri(key)))
         except Exception as e:
-            notes.append(f"skipped promotion history entry {store.uri(key)}: {short(str(e), 300)}")
+            notes.append(f"skipped promotion history entry {store.uri(key)}: {clip(str(e), 300)}")
     return out
 
 
@@ -348,7 +348,7 @@ class ModelManager:
             if not is_failure(e):
                 raise
             log.error("refreshing the model list failed: %s", e)
-            self.notes = [*self.notes, f"refreshing the model list failed: {short(str(e), 300)}"][-20:]
+            self.notes = [*self.notes, f"refreshing the model list failed: {clip(str(e), 300)}"][-20:]
             return self.candidates
         errors = {c.id: c.error for c in self.candidates if c.error}  # remembered until it loads
         for c in candidates:
@@ -380,7 +380,7 @@ class ModelManager:
             except BaseException as e:
                 if not is_failure(e):
                     raise
-                candidate.error = f"{type(e).__name__}: {short(str(e), 400)}"
+                candidate.error = f"{type(e).__name__}: {clip(str(e), 400)}"
                 if isinstance(e, Exception):
                     raise
                 raise CheckpointError(f"loading {candidate.id} failed: {candidate.error}") from None
@@ -400,7 +400,7 @@ class ModelManager:
             try:
                 return self.load(c.id)
             except Exception as e:
-                self.notes.append(f"could not load {c.id}: {short(str(e), 300)}")
+                self.notes.append(f"could not load {c.id}: {clip(str(e), 300)}")
                 log.error("could not load %s: %s", c.id, e)
                 if c.source == "command line":
                     raise  # the user asked for exactly this one: do not silently serve another
@@ -441,7 +441,7 @@ class ModelManager:
                 except BaseException as e:  # a store hiccup or a bad artifact must not end the watcher
                     if not is_failure(e):
                         raise
-                    log.warning("promotion check failed: %s", short(str(e), 300))
+                    log.warning("promotion check failed: %s", clip(str(e), 300))
 
         thread = threading.Thread(target=watch, name="promotion-watcher", daemon=True)
         thread.start()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanochat.gpt import GPTConfig
-from nanochat.safe_io import check_tensor, memory_limit_bytes, nonfinite_count, short
+from nanochat.safe_io import check_tensor, clip, memory_limit_bytes, nonfinite_count, short
 
 logger = logging.getLogger("nanochat")
 
@@ -38,7 +38,7 @@ def parse_meta(data: bytes, path: Path) -> dict:
     try:
         meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON or a 5000-digit number
-        raise CheckpointError(f"metadata file {path} is not valid JSON: {short(str(e), 200)}") from None
+        raise CheckpointError(f"metadata file {path} is not valid JSON: {clip(str(e), 200)}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"metadata file {path} holds a JSON {type(meta).__name__}, expected an object")
     for key, types in META_TYPES.items():

@@ -34,7 +34,7 @@ from nanochat.checkpoint_checks import (
 )
 from nanochat.common import all_ranks, atomic_write, get_base_dir
 from nanochat.gpt import GPT
-from nanochat.safe_io import MAX_JSON_BYTES, load_torch_file, memory_limit_bytes, read_bounded, short
+from nanochat.safe_io import MAX_JSON_BYTES, clip, load_torch_file, memory_limit_bytes, read_bounded, short
 
 logger = logging.getLogger("nanochat")
 
@@ -213,7 +213,7 @@ def load_training_state(checkpoint_dir, step: int, model, optimizers, device, ra
             opt.load_state_dict(state)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
             raise CheckpointError(f"{optim_path(checkpoint_dir, step, rank)}: optimizer state {i} does not fit this "
-                                  f"run's {type(opt).__name__}: {type(e).__name__}: {short(str(e), 200)}") from None
+                                  f"run's {type(opt).__name__}: {type(e).__name__}: {clip(str(e), 200)}") from None
     return meta
 
 

@@ -43,6 +43,11 @@ def short(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def clip(text: str, limit: int = 300) -> str:
+    """A message (an exception's text) cut to `limit` characters, for quoting inside another message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def is_panic(e: BaseException) -> bool:
     """A Rust panic inside a pyo3 extension (tiktoken, tokenizers): pyo3_runtime.PanicException derives from
     BaseException, not Exception, so `except Exception` lets it through. Each extension has its own class."""
@@ -116,7 +121,7 @@ def _check_zip(f: IO[bytes], size: int, path: Path, error: Callable[[str], Excep
         with zipfile.ZipFile(f) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise error(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive): {short(str(e))}; "
+        raise error(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive): {clip(str(e))}; "
                     "it is truncated or corrupt, or was written with the legacy format: re-save it with torch.save"
                     ) from None
     for info in infos:
@@ -177,13 +182,13 @@ def load_torch_file(path: str | os.PathLike, max_bytes: int, error: Callable[[st
             if not isinstance(e, Exception) and not is_panic(e):
                 raise
             raise error(f"cannot read {what} {path} ({size:,} bytes): {type(e).__name__}: "
-                        f"{short(str(e).splitlines()[0] if str(e) else '', 200)}. The file is truncated, corrupt, or "
+                        f"{clip(str(e).splitlines()[0] if str(e) else '', 200)}. The file is truncated, corrupt, or "
                         "not a weights-only PyTorch checkpoint; re-save it or load an earlier step") from None
         total = 0
         try:
             tensors = list(_tensors(obj, "checkpoint"))
         except (ValueError, RecursionError) as e:
-            raise error(f"{path}: {short(str(e), 200)}") from None
+            raise error(f"{path}: {clip(str(e), 200)}") from None
         for where, t in tensors:
             problem = check_tensor(t, where)
             if problem:

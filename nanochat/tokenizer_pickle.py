@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import tiktoken
 
-from nanochat.safe_io import is_panic, read_bounded, short
+from nanochat.safe_io import clip, is_panic, read_bounded, short
 
 HOW_TO_CREATE = "create it with `python -m nanochat.tok_train`"
 MAX_TOKENIZER_BYTES = 256 << 20  # a 65k-token tokenizer.pkl is ~1 MB, its tokenizer.json ~3 MB
@@ -48,7 +48,7 @@ def as_tokenizer_error(path: Path, what: str) -> Iterator[None]:
     except BaseException as e:
         if not isinstance(e, Exception) and not is_panic(e):
             raise  # KeyboardInterrupt, SystemExit
-        raise CorruptTokenizerFile(f"{path} {what} ({type(e).__name__}: {short(str(e), 200)}); {HOW_TO_CREATE}"
+        raise CorruptTokenizerFile(f"{path} {what} ({type(e).__name__}: {clip(str(e), 200)}); {HOW_TO_CREATE}"
                                    ) from None
 
 

@@ -476,7 +476,8 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, d
         client = server.client()
         client.predict(api_name="/refresh_models")
         picker, serving, status = client.predict(key, api_name="/switch_model")
-        assert "Could not load that model: CheckpointError: cannot read checkpoint file" in status
+        # The meta is read first ("{}": no model_config), so the broken model file is never even opened.
+        assert "Could not load that model: CheckpointError:" in status and "no 'model_config'" in status
         health = server.health()
         assert health["status"] == "ok" and health["checkpoint"]["sha256"] == demo["v2"]["sha256"]
         _, messages, status = chat(client, "still serving?")
@@ -692,3 +693,77 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     server.client().predict(demo["v2"]["key"], api_name="/switch_model")  # leave the server as we found it
+
+
+# -----------------------------------------------------------------------------
+# Whatever one artifact holds, the app starts, answers /health and serves the next good model
+
+
+def test_a_big_upload_is_refused_and_the_server_keeps_serving(server):
+    # The UI takes no files; Gradio still serves /gradio_api/upload, capped by launch(max_file_size=4 KB).
+    big = requests.post(f"{server.url}/gradio_api/upload", files={"files": ("big.bin", b"x" * (30 << 20))},
+                        timeout=60)
+    assert big.status_code == 413, big.text[:200]
+    assert "maximum allowed size of 4096 bytes" in big.text
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def panicking_tokenizer_dir(good_tokenizer, directory: Path) -> Path:
+    """A tokenizer.pkl that is a well-formed tiktoken Encoding whose pattern makes tiktoken panic (a pattern that
+    matches the empty string): PanicException, a BaseException, on the first encode."""
+    import pickle
+
+    import tiktoken
+
+    enc = good_tokenizer.enc
+    state = {"name": enc.name, "pat_str": "(?=.*)", "mergeable_ranks": dict(enc._mergeable_ranks),
+             "special_tokens": dict(enc._special_tokens)}
+    original = tiktoken.Encoding.__getstate__
+    tiktoken.Encoding.__getstate__ = lambda self: state
+    try:
+        data = pickle.dumps(enc)
+    finally:
+        tiktoken.Encoding.__getstate__ = original
+    directory.mkdir(parents=True)
+    (directory / "tokenizer.pkl").write_bytes(data)
+    return directory
+
+
+@pytest.mark.parametrize("bad", ["pointer whose checkpoint is a string", "promoted tokenizer makes tiktoken panic"])
+def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_holds(demo, tmp_path, small_tokenizer,
+                                                                                   monkeypatch, bad):
+    shutil.copytree(demo["store"].root_path, tmp_path / "artifacts")
+    store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
+    pointer = read_pointer(store)
+    if bad == "pointer whose checkpoint is a string":
+        store.write_json("promoted/latest.json", {**pointer, "checkpoint": pointer["checkpoint"]["key"]})
+        says, serves = "field 'checkpoint' is a str", demo["v2"]["sha256"]  # v2, from the promotion history
+    else:
+        store.put_dir(panicking_tokenizer_dir(small_tokenizer, tmp_path / "bad-tokenizer"), "tokenizer/demo/panics")
+        pointer["tokenizer"] = {"key": "tokenizer/demo/panics"}
+        pointer.pop("promoted_at")
+        write_pointer(store, pointer)  # v2 with the bad tokenizer; the history's v2 entry is the same checkpoint
+        says, serves = "PanicException", demo["v1"]["sha256"]
+    # In process: refresh() and load_default() never raise, and the bad candidate is marked with its reason.
+    monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    manager = ModelManager(store, demo["db_path"], "cpu")
+    manager.refresh()
+    loaded = manager.load_default()
+    assert loaded is not None and loaded.sha256 == serves
+    assert says in " ".join(manager.notes), manager.notes
+    if bad == "promoted tokenizer makes tiktoken panic":
+        broken = next(c for c in manager.candidates if c.promoted)
+        assert "unavailable" in broken.label() and "tokenizer.pkl" in broken.label() and says in broken.label()
+        manager.refresh()  # the reason stays on the candidate until it loads
+        assert "unavailable" in next(c for c in manager.candidates if c.promoted).label()
+    # The real server: starts, /health answers 200 and names the model it serves and what it could not load.
+    app = AppServer({**demo, "store": store}, tmp_path / "app-cache", tmp_path / "app.log")
+    try:
+        app.wait_ready()
+        response = requests.get(f"{app.url}/health", timeout=10)
+        assert response.status_code == 200
+        health = response.json()
+        assert health["status"] == "ok" and health["checkpoint"]["sha256"] == serves
+        assert says in " ".join(health["notes"]), health["notes"]
+    finally:
+        app.stop()
