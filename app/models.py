@@ -185,7 +185,7 @@ def discover(store: ArtifactStore | None, db_path: str | Path | None = None,
                 candidates.append(promoted)
         except Exception as e:  # unreachable S3, a malformed pointer: the app still serves what it can
             pointer = None
-            notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {clip(str(e), 300)}")
+            notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {clip(str(e), 500)}")
         candidates += _history(store, notes)
         candidates += _published(store, notes)
     index, note = read_eval_index(db_path)

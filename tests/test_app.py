@@ -737,7 +737,8 @@ def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_hol
     pointer = read_pointer(store)
     if bad == "pointer whose checkpoint is a string":
         store.write_json("promoted/latest.json", {**pointer, "checkpoint": pointer["checkpoint"]["key"]})
-        says, serves = "field 'checkpoint' is a str", demo["v2"]["sha256"]  # v2, from the promotion history
+        # served instead: v2, through its promotion history entry
+        says, serves = "'checkpoint' must be an object with a string 'key'", demo["v2"]["sha256"]
     else:
         store.put_dir(panicking_tokenizer_dir(small_tokenizer, tmp_path / "bad-tokenizer"), "tokenizer/demo/panics")
         pointer["tokenizer"] = {"key": "tokenizer/demo/panics"}
