@@ -95,8 +95,8 @@ def check_fetched(layout: Layout, paths: dict[str, Path]) -> None:
 def read_meta(path: Path, name: str) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise VerificationError(f"{name} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, a 5000-digit number, nesting 100k deep
+        raise VerificationError(f"{name} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
         raise VerificationError(f"{name} has no 'model_config' object: it is not a nanochat checkpoint's meta file")
     return meta
