@@ -56,8 +56,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "mid_iterations": (-1, 10**8), "mid_device_batch_size": (1, 4096), "sft_iterations": (-1, 10**8),
     "sft_device_batch_size": (1, 4096), "sft_examples_per_step": (1, 1 << 20), "core_max_per_task": (-1, 10**7),
     "chat_max_per_task": (-1, 10**7), "chat_max_new_tokens": (1, 1 << 17), "chat_num_samples": (1, 1024),
-    "chat_temperature": (0.0, 10.0), "promotion_tolerance": (0.0, 0.999), "save_every": (0, 10**8),
-    "core_every": (0, 10**8),
+    "chat_temperature": (0.0, 10.0), "promotion_tolerance": (0.0, 0.999),
 }
 MAX_STRING_CHARS = 4096
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat.checkpoint_manager import find_last_complete_step, meta_path, missing_files, step_files, step_of
+from nanochat.checkpoint_manager import find_last_complete_step, missing_files, read_meta, step_files, step_of
 from orchestration import eval_store
 from orchestration.artifact_store import MANIFEST_NAME, ArtifactInfo, ArtifactIntegrityError, ArtifactStore
 from orchestration.workspace import fetch_into, publish_checkpoint
@@ -108,7 +108,7 @@ class ResumePoints:
                 shutil.rmtree(self.checkpoint_dir)
                 continue
             self.restored = step
-            return step, json.loads(meta_path(self.checkpoint_dir, step).read_text(encoding="utf-8"))
+            return step, read_meta(self.checkpoint_dir, step)
         return None
 
     def publish(self, step: int, staging: Path) -> ArtifactInfo:
@@ -199,7 +199,7 @@ class Watcher:
         if step <= self.last:
             return
         try:
-            meta = json.loads(meta_path(self.points.checkpoint_dir, step).read_text(encoding="utf-8"))
+            meta = read_meta(self.points.checkpoint_dir, step)
             if meta.get("final"):  # the stage publishes its final step itself, as the asset's checkpoint
                 return
             t0 = time.monotonic()
