@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     from app.models import ModelManager, local_candidate
     from app.ui import CSS, MAX_UPLOAD_BYTES, build_ui
     from nanochat.common import autodetect_device_type
-    from orchestration.artifact_store import artifact_store_from_url
+    from store.artifact_store import artifact_store_from_url
 
     torch.set_num_threads(args.threads)
     device = args.device or autodetect_device_type()

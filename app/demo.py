@@ -29,9 +29,9 @@ from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import get_shared_data_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
-from orchestration import eval_store
-from orchestration.artifact_store import LocalArtifactStore
-from orchestration.promotion import write_pointer
+from store import eval_store
+from store.artifact_store import LocalArtifactStore
+from store.promotion import write_pointer
 
 PROFILE = "demo"
 # Instructions with full-length answers (the shared chatterbot dialogs would teach it to answer in three words).

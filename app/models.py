@@ -29,9 +29,9 @@ from nanochat.common import default_dtype
 from nanochat.engine import Engine
 from nanochat.safe_io import clip, is_panic
 from nanochat.tokenizer import load_tokenizer
-from orchestration import eval_queries, eval_store
-from orchestration.artifact_store import MANIFEST_NAME, ArtifactStore
-from orchestration.promotion import LATEST_KEY, check_pointer, read_pointer
+from store import eval_queries, eval_store
+from store.artifact_store import MANIFEST_NAME, ArtifactStore
+from store.promotion import LATEST_KEY, check_pointer, read_pointer
 
 log = logging.getLogger("app")
 
@@ -247,7 +247,7 @@ def _published(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
 
 
 def _import_origin(store: ArtifactStore, prefix: str) -> str | None:
-    """Where an imported checkpoint came from (its import.json, written by orchestration/importer.py)."""
+    """Where an imported checkpoint came from (its import.json, written by importer/cli.py)."""
     try:
         return store.read_json(f"{prefix}/import.json").get("source")
     except Exception:

@@ -3,7 +3,7 @@ The Scores tab's data: the eval history in DuckDB as rows for a plot and a table
 
 DuckDB lets one process write or many read, never both. The pipeline writes in short transactions, so the app
 opens a short read-only connection per refresh, retries briefly while a writer holds the file, and otherwise says
-"busy" instead of failing (orchestration.eval_store.connect_ro does the retrying).
+"busy" instead of failing (store.eval_store.connect_ro does the retrying).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from orchestration import eval_queries, eval_store
+from store import eval_queries, eval_store
 
 SEPARATOR = " · "  # between task and metric in a series name: "all · CORE", "arc_easy · accuracy"
 TABLE_COLUMNS = ["recorded_at", "profile", "depth", "run_id", "stage", "step", "checkpoint", "task", "metric",

@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat.checkpoint_manager import find_last_complete_step, missing_files, read_meta, step_files, step_of
-from orchestration import eval_store
-from orchestration.artifact_store import MANIFEST_NAME, ArtifactInfo, ArtifactIntegrityError, ArtifactStore
 from orchestration.workspace import fetch_into, publish_checkpoint
+from store import eval_store
+from store.artifact_store import MANIFEST_NAME, ArtifactInfo, ArtifactIntegrityError, ArtifactStore
 
 KEY_ROOT = "resume"
 _STEP_DIR = re.compile(r"step_(\d+)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +18,13 @@ from pathlib import Path
 import dagster as dg
 
 from nanochat.checkpoint_manager import PHASE_DIRS, step_files
-from orchestration.artifact_store import ArtifactStore, ArtifactStoreError
-from orchestration.home import workspace_dir
 from orchestration.partitions import require_upstreams, upstream_metadata
+from store.artifact_store import ArtifactStore, ArtifactStoreError
+from store.home import workspace_dir
 
 
 class Workspace(dg.ConfigurableResource):
-    """Local scratch space for runs: $NANOCHAT_WORKSPACE, else $NANOCHAT_HOME/work (orchestration/home.py)."""
+    """Local scratch space for runs: $NANOCHAT_WORKSPACE, else $NANOCHAT_HOME/work (store/home.py)."""
 
     root: str = ""
 
@@ -103,19 +102,6 @@ def retry_on_store_faults(max_retries: int = 3) -> Iterator[None]:
         wait = base * 2 ** dg.OpExecutionContext.get().retry_number * random.uniform(0.5, 1.0)
         raise dg.RetryRequested(max_retries=max_retries, seconds_to_wait=wait) from e
 
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def loss_table(curve: list, every: int = 1) -> str:

@@ -7,9 +7,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 
-# One state root (orchestration/home.py): artifacts, workspace, eval history and DAGSTER_HOME (with its dagster.yaml:
+# One state root (store/home.py): artifacts, workspace, eval history and DAGSTER_HOME (with its dagster.yaml:
 # one op per pool, so training never runs twice at once) under $NANOCHAT_HOME, the same files the UI, CLI and app use.
-eval "$(.venv/bin/python -m orchestration.home)"
+eval "$(.venv/bin/python -m store.home)"
 export NANOCHAT_SHARED_DATA=${NANOCHAT_SHARED_DATA:-$(cd .. && pwd)/shared/data}
 
 start=$(date +%s)

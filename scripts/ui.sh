@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Dagster UI (webserver + daemon) on the pipeline's own state: NANOCHAT_HOME, default .nanochat-dagster/ in the
 # repository. Runs launched from it write the artifacts, workspace and eval history that scripts/pipeline.sh,
-# `nanochat-evals` and `python -m app` use (orchestration/home.py derives every path from that one root), and its
+# `nanochat-evals` and `python -m app` use (store/home.py derives every path from that one root), and its
 # DAGSTER_HOME (runs, event log) is $NANOCHAT_HOME/home, created with a dagster.yaml on first use.
 #
 #   scripts/ui.sh            http://127.0.0.1:3000 (listens on loopback only)
@@ -13,6 +13,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python=${PYTHON:-.venv/bin/python}
 port=${1:-${NANOCHAT_UI_PORT:-3000}}
-eval "$("$python" -m orchestration.home)"  # exports NANOCHAT_HOME and DAGSTER_HOME (creating it if needed)
+eval "$("$python" -m store.home)"  # exports NANOCHAT_HOME and DAGSTER_HOME (creating it if needed)
 echo "Dagster UI on $NANOCHAT_HOME: http://127.0.0.1:$port" >&2
 exec "$python" -m dagster dev -m orchestration.definitions -h 127.0.0.1 -p "$port"

@@ -99,7 +99,7 @@ def s3_store(s3_server):
     from botocore.config import Config
     from s3server import REGION
 
-    from orchestration.s3_store import S3ArtifactStore
+    from store.s3_store import S3ArtifactStore
 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name=REGION,

@@ -204,6 +204,6 @@ def raw_keys(store: Any) -> list[str]:
 
 def s3_store_like(store: Any, **overrides: Any) -> Any:
     """A new S3ArtifactStore (own boto3 client, so no event hooks of the old one) with some settings changed."""
-    from orchestration.s3_store import S3ArtifactStore
+    from store.s3_store import S3ArtifactStore
 
     return S3ArtifactStore(**{**store.model_dump(), **overrides})

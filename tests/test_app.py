@@ -39,9 +39,9 @@ from app.ui import generate, new_session, respond
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
-from orchestration import eval_store
-from orchestration.artifact_store import LocalArtifactStore
-from orchestration.promotion import read_pointer, write_pointer
+from store import eval_store
+from store.artifact_store import LocalArtifactStore
+from store.promotion import read_pointer, write_pointer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE_LEN = 256
@@ -620,7 +620,7 @@ def test_scores_tab_reads_history_and_survives_a_busy_writer(server, demo):
 
     # Another process holds the database open for writing: the tab says so, the app keeps working.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from orchestration.eval_store import connect_rw; "
+        [sys.executable, "-c", "import sys, time; from store.eval_store import connect_rw; "
          "c = connect_rw(sys.argv[1]); print('ready', flush=True); time.sleep(60)", str(demo["db_path"])],
         cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -30,8 +30,8 @@ from nanochat.checkpoint_manager import CheckpointError, load_model, resume_trai
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.dataset import ShardError
 from nanochat.gpt import GPT, GPTConfig
-from orchestration import eval_store as es
 from orchestration.profiles import RunProfile
+from store import eval_store as es
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -253,11 +253,11 @@ def test_bad_profile_value_is_rejected_naming_the_field(field, value):
 def test_wrong_type_in_dagster_run_config_names_the_field(tmp_path):
     import dagster as dg
 
-    from orchestration.artifact_store import LocalArtifactStore
     from orchestration.defs.data import raw_shards
     from orchestration.defs.resources import EvalHistory
     from orchestration.launcher import TorchrunLauncher
     from orchestration.workspace import Workspace
+    from store.artifact_store import LocalArtifactStore
 
     resources = {
         "artifacts": LocalArtifactStore(root=str(tmp_path / "artifacts")),
@@ -654,11 +654,11 @@ def test_profile_values_no_real_run_can_use_are_refused_naming_the_field(field, 
 def test_unusable_value_in_dagster_run_config_names_the_field(tmp_path, field, value, says):
     import dagster as dg
 
-    from orchestration.artifact_store import LocalArtifactStore
     from orchestration.defs.data import raw_shards
     from orchestration.defs.resources import EvalHistory
     from orchestration.launcher import TorchrunLauncher
     from orchestration.workspace import Workspace
+    from store.artifact_store import LocalArtifactStore
 
     resources = {
         "artifacts": LocalArtifactStore(root=str(tmp_path / "artifacts")),

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 import duckdb
 import pytest
 
-from orchestration import eval_queries as eq
-from orchestration import eval_store as es
-from orchestration.evals_cli import main
+from store import eval_queries as eq
+from store import eval_store as es
+from store.evals_cli import main
 
 T0 = datetime(2025, 1, 1)
 

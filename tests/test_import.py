@@ -1,4 +1,4 @@
-"""nanochat-import (orchestration/importer.py): checkpoints written by this project's own save path, laid out flat
+"""nanochat-import (importer/cli.py): checkpoints written by this project's own save path, laid out flat
 (as hub uploads are) and as a nanochat base dir, imported from a local directory, SeaweedFS through s3://, and the
 Hugging Face hub path (HF_HUB_OFFLINE=1 over a real hub cache layout, so the real snapshot_download runs). After an
 import the served model continues a prompt exactly as the checkpoint loaded directly does; bad sources fail with a
@@ -20,17 +20,17 @@ import torch
 from botocore.config import Config
 
 from app.models import discover, load_candidate
+from importer.cli import ImportRequest, import_checkpoint
+from importer.hub import SourceError
+from importer.layout import LayoutError
+from importer.verify import UnsupportedArchitecture, VerificationError
 from nanochat.checkpoint_manager import build_model, meta_path, model_path, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import save_token_bytes
-from orchestration import eval_store
-from orchestration.artifact_store import LocalArtifactStore
-from orchestration.hub import SourceError
-from orchestration.import_layout import LayoutError
-from orchestration.import_verify import UnsupportedArchitecture, VerificationError
-from orchestration.importer import ImportRequest, import_checkpoint
-from orchestration.promotion import read_pointer
+from store import eval_store
+from store.artifact_store import LocalArtifactStore
+from store.promotion import read_pointer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The sea is"
@@ -305,7 +305,7 @@ def test_unreachable_hub(target, monkeypatch):
 
 
 def test_import_bench_prints_its_figures(capsys, shared_data):
-    from orchestration import import_bench
+    from importer import bench as import_bench
 
     import_bench.main(["--depth", "1", "--vocab", "300", "--seq-len", "64", "--tokens", "4", "--train-chars",
                        "100000"])
@@ -325,7 +325,7 @@ def test_cli_evaluates_promotes_and_the_app_serves_it(hub, tmp_path, shared_data
     store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "NANOCHAT_WORKSPACE": str(tmp_path / "w"),
            "NANOCHAT_SHARED_DATA": str(shared_data), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "orchestration.importer", "hf:someone/nanochat-tiny", "--evaluate",
+    cmd = [sys.executable, "-m", "importer.cli", "hf:someone/nanochat-tiny", "--evaluate",
            "--max-per-task", "2", "--max-new-tokens", "4", "--promote", "--artifacts", store.root,
            "--duckdb", str(tmp_path / "evals.duckdb"), "--device", "cpu"]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

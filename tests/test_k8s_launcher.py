@@ -16,7 +16,6 @@ from dagster_k8s import PipesK8sClient
 from dagster_k8s.client import DagsterKubernetesClient
 from dagster_k8s.pipes import build_pod_body
 
-from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs.data import raw_shards
 from orchestration.defs.resources import EvalHistory
 from orchestration.defs.tokenizer import tokenizer
@@ -24,6 +23,7 @@ from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_che
 from orchestration.k8s_launcher import K8sTorchrunLauncher, validate_pod_spec
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, nanochat_env
+from store.artifact_store import LocalArtifactStore
 
 SECRET_VALUE = "wJalrXUtnFEMI-do-not-leak"
 GPU_NODE = dict(

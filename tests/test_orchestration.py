@@ -9,8 +9,6 @@ from datetime import timezone
 import dagster as dg
 import pytest
 
-from orchestration import eval_store
-from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs.data import raw_shards
 from orchestration.defs.resources import EvalHistory
 from orchestration.defs.tokenizer import tokenizer
@@ -19,6 +17,8 @@ from orchestration.launcher import TorchrunLauncher
 from orchestration.partitions import PROFILE_PARTITIONS
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace
+from store import eval_store
+from store.artifact_store import LocalArtifactStore
 
 ASSETS = [raw_shards, tokenizer, base_checkpoint, mid_checkpoint, sft_checkpoint]
 # The tiny profile, shrunk further so the whole pipeline runs in well under a minute in CI.

@@ -10,7 +10,6 @@ import json
 
 import dagster as dg
 
-from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs import checks
 from orchestration.defs.data import raw_shards
 from orchestration.defs.resources import EvalHistory
@@ -19,6 +18,7 @@ from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_che
 from orchestration.launcher import TorchrunLauncher
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace
+from store.artifact_store import LocalArtifactStore
 
 ASSETS = [raw_shards, tokenizer, base_checkpoint, mid_checkpoint, sft_checkpoint,
           checks.base_checkpoint_finite_loss, checks.mid_checkpoint_finite_loss, checks.sft_checkpoint_finite_loss]

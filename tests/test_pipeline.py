@@ -16,8 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration import eval_store
-from orchestration.artifact_store import LocalArtifactStore
 from orchestration.defs import checks
 from orchestration.defs.data import raw_shards
 from orchestration.defs.evals import base_eval, chat_eval
@@ -27,13 +25,15 @@ from orchestration.defs.sensors import new_promoted_model, new_shards
 from orchestration.defs.serving import promoted_model, report
 from orchestration.defs.tokenizer import tokenizer
 from orchestration.defs.training import base_checkpoint, mid_checkpoint, sft_checkpoint
-from orchestration.keys import LATEST_KEY, profile_pointer_key
 from orchestration.launcher import TorchrunLauncher
 from orchestration.partitions import PROFILE_PARTITIONS
 from orchestration.profiles import RunProfile
-from orchestration.promotion import read_pointer
 from orchestration.run_summary import orchestration_figure
 from orchestration.workspace import Workspace
+from store import eval_store
+from store.artifact_store import LocalArtifactStore
+from store.keys import LATEST_KEY, profile_pointer_key
+from store.promotion import read_pointer
 
 ASSETS = [raw_shards, tokenizer, base_checkpoint, base_eval, mid_checkpoint, sft_checkpoint, chat_eval,
           promoted_model, report]
@@ -206,7 +206,7 @@ def test_new_shards_sensor_requests_one_run_per_new_listing(tmp_path, monkeypatc
 
 
 def test_new_shards_sensor_skips_while_the_store_is_down(tmp_path):
-    from orchestration.s3_store import S3ArtifactStore
+    from store.s3_store import S3ArtifactStore
 
     store = S3ArtifactStore(bucket="nanochat", endpoint_url="http://127.0.0.1:9", max_attempts=1)
     result = new_shards(dg.build_sensor_context(resources={"artifacts": store}))

@@ -31,7 +31,7 @@ from test_webserver import RUN_EVENTS_QUERY, DagsterDev, launch_run, run_errors,
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from orchestration import resume
-from orchestration.s3_store import S3ArtifactStore
+from store.s3_store import S3ArtifactStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:gql")]
@@ -143,8 +143,8 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
 
 def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, tmp_path, capsys):
     from nanochat import base_train
-    from orchestration import eval_store, evals_cli
-    from orchestration.artifact_store import LocalArtifactStore
+    from store import eval_store, evals_cli
+    from store.artifact_store import LocalArtifactStore
 
     # Real CORE (the shared eval bundle, 2 examples a task) at step 2 of 4, saved with that step.
     base_train.main(["--depth=2", "--head-dim=64", "--max-seq-len=64", "--device-batch-size=8",

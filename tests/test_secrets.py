@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = [p for d in ("nanochat", "orchestration", "app") for p in sorted((REPO / d).rglob("*.py"))]
+CODE = [p for d in ("nanochat", "store", "importer", "orchestration", "app") for p in sorted((REPO / d).rglob("*.py"))]
 
 
 # --- deserialization ------------------------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def test_no_secret_reaches_any_output(canary_s3, tmp_path, shared_data, monkeypa
     from orchestration.defs.tokenizer import tokenizer
     from orchestration.launcher import TorchrunLauncher
     from orchestration.profiles import RunProfile
-    from orchestration.s3_store import S3ArtifactStore
     from orchestration.workspace import Workspace
+    from store.s3_store import S3ArtifactStore
 
     server, s3_secret = canary_s3
     # More credentials a careless log line or an environment dump would carry along.

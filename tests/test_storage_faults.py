@@ -28,16 +28,16 @@ import pytest
 from faultproxy import FaultProxy
 from s3server import SeaweedS3Server, raw_keys, s3_store_like
 
-from orchestration import eval_store as es
-from orchestration.artifact_store import (
+from orchestration.defs.data import raw_shards
+from orchestration.profiles import RunProfile
+from orchestration.workspace import Workspace
+from store import eval_store as es
+from store.artifact_store import (
     MANIFEST_NAME,
     ArtifactStoreError,
     sha256_file,
 )
-from orchestration.defs.data import raw_shards
-from orchestration.profiles import RunProfile
-from orchestration.s3_store import S3ArtifactStore
-from orchestration.workspace import Workspace
+from store.s3_store import S3ArtifactStore
 
 pytestmark = pytest.mark.slow
 
@@ -361,7 +361,7 @@ def test_asset_retries_with_backoff_and_succeeds_when_the_server_is_back(s3_serv
 
 WRITER = """
 import sys
-from orchestration import eval_store as es
+from store import eval_store as es
 
 db, writer, writes = sys.argv[1], sys.argv[2], int(sys.argv[3])
 print("ready", flush=True)

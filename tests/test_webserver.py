@@ -405,7 +405,7 @@ def test_invalid_profile_errors_reach_the_graphql_client(dagster_dev):
     run_id = launch_run(dagster_dev, ["raw_shards"], bad_depth)
     assert wait_for_run(dagster_dev, run_id) == DagsterRunStatus.FAILURE
     errors = run_errors(dagster_dev, run_id)
-    assert any("depth must be positive, got -1" in e for e in errors), errors
+    assert any("depth=-1 is out of range" in e for e in errors), errors
 
 
 # --- one state: the UI started as scripts/ui.sh starts it, the CLI and the app see the same files -----------------
@@ -415,8 +415,8 @@ PATH_VARIABLES = ("DAGSTER_HOME", "NANOCHAT_ARTIFACTS", "NANOCHAT_WORKSPACE", "N
 APP_SCORES = """
 from app.__main__ import parse_args
 from app.scores import read_scores
-from orchestration import home
-from orchestration.artifact_store import artifact_store_from_url
+from store import home
+from store.artifact_store import artifact_store_from_url
 
 args = parse_args([])  # the app's defaults, as `python -m app` takes them
 scores = read_scores(home.duckdb_path(), "validation \u00b7 val_bpb")
@@ -452,7 +452,7 @@ def test_ui_cli_and_app_share_one_state(tmp_path, shared_data):
     assert (state / "evals.duckdb").is_file() and (state / "artifacts" / meta["key"]).is_dir()
 
     clean = {k: v for k, v in env.items() if k != "PYTHON"}  # the CLI and the app get NANOCHAT_HOME and nothing else
-    cli = subprocess.run([sys.executable, "-m", "orchestration.evals_cli", "latest", "--run", run_id[:8]],
+    cli = subprocess.run([sys.executable, "-m", "store.evals_cli", "latest", "--run", run_id[:8]],
                          cwd=REPO, env=clean, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert f"{run_id[:8]}  base" in cli.stdout and "val_bpb" in cli.stdout, cli.stdout

@@ -18,10 +18,10 @@ import math
 import dagster as dg
 
 from orchestration.defs.resources import ArtifactStore
-from orchestration.keys import profile_pointer_key
 from orchestration.partitions import partition_of, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
-from orchestration.promotion import read_pointer
+from store.keys import profile_pointer_key
+from store.promotion import read_pointer
 
 LOSS_KEYS = ("final_loss", "val_bpb", "min_val_bpb", "val_loss")
 

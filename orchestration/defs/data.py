@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 
 from nanochat.dataset import build_shards_from_local, download_shards, list_parquet_files
 from orchestration.defs.resources import ArtifactStore
-from orchestration.keys import shards_key
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace, retry_on_store_faults
+from store.keys import shards_key
 
 
 def shakespeare_texts() -> Path:

@@ -15,9 +15,7 @@ and how to get the data.
 
 import dagster as dg
 
-from orchestration import eval_store
 from orchestration.defs.resources import ArtifactStore, EvalHistory
-from orchestration.keys import eval_results_key
 from orchestration.launcher import Launcher
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
@@ -25,10 +23,12 @@ from orchestration.workspace import (
     PHASE_DIRS,
     Workspace,
     fetch_inputs,
-    git_sha,
     nanochat_env,
     retry_on_store_faults,
 )
+from store import eval_store
+from store.home import git_sha
+from store.keys import eval_results_key
 
 CHAT_STAGES = ("mid", "sft")
 

@@ -1,5 +1,5 @@
 """
-imported_checkpoint: a published nanochat checkpoint brought into the pipeline (orchestration/importer.py):
+imported_checkpoint: a published nanochat checkpoint brought into the pipeline (importer/cli.py):
 verified, published to the artifact store, recorded in the eval history, optionally evaluated and promoted.
 
 Partitioned by import name (dynamic partitions "imports"), not by run profile: an import is its own lineage,
@@ -12,9 +12,10 @@ partition in the UI ("Add partition", e.g. `nanochat-d32`) or with `instance.add
 import dagster as dg
 from pydantic import Field
 
+from importer.cli import ImportErrors, ImportRequest, import_checkpoint
 from orchestration.defs.resources import ArtifactStore, EvalHistory
-from orchestration.importer import ImportErrors, ImportRequest, import_checkpoint
-from orchestration.workspace import Workspace, git_sha, retry_on_store_faults
+from orchestration.workspace import Workspace, retry_on_store_faults
+from store.home import git_sha
 
 imports_partitions = dg.DynamicPartitionsDefinition(name="imports")
 

@@ -1,6 +1,6 @@
 """Resources of the code location, configured from the environment (all overridable per run in the launchpad).
 
-Every default path derives from NANOCHAT_HOME (default .nanochat-dagster/; see orchestration/home.py), the same
+Every default path derives from NANOCHAT_HOME (default .nanochat-dagster/; see store/home.py), the same
 root the CLI and the app read, so a run launched from the UI writes where they look.
 
 NANOCHAT_ARTIFACTS   where artifacts go: a local directory (default $NANOCHAT_HOME/artifacts) or s3://bucket/prefix
@@ -29,20 +29,21 @@ from typing import Any
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from orchestration import artifact_store as store
-from orchestration import eval_store, home
 from orchestration.launcher import Launcher, TorchrunLauncher
 from orchestration.profiles import RunProfile
-from orchestration.workspace import Workspace, git_sha
+from orchestration.workspace import Workspace
+from store import artifact_store as stores
+from store import eval_store, home
+from store.home import git_sha
 
-ArtifactStore = dg.ResourceParam[store.ArtifactStore]
+ArtifactStore = dg.ResourceParam[stores.ArtifactStore]
 
 
 @dg.resource(config_schema={"url": dg.Field(str, default_value=home.artifacts_url(), description=(
     "A local directory or s3://bucket/prefix (S3 endpoint from NANOCHAT_S3_ENDPOINT_URL / AWS_ENDPOINT_URL)."))},
     description="The artifact store: checkpoints, tokenizers, reports and promotion pointers.")
-def artifact_store(init_context: dg.InitResourceContext) -> store.ArtifactStore:
-    return store.artifact_store_from_url(init_context.resource_config["url"])
+def artifact_store(init_context: dg.InitResourceContext) -> stores.ArtifactStore:
+    return stores.artifact_store_from_url(init_context.resource_config["url"])
 
 
 class EvalHistory(DuckDBResource):

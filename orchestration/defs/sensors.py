@@ -10,10 +10,10 @@ import os
 
 import dagster as dg
 
-from orchestration.artifact_store import ArtifactStoreError
 from orchestration.defs.resources import ArtifactStore
 from orchestration.jobs import report_job, retrain_job
 from orchestration.partitions import default_profile
+from store.artifact_store import ArtifactStoreError
 
 
 def shard_inbox() -> str:

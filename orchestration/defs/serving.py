@@ -1,5 +1,5 @@
 """
-promoted_model: point the chat app at the SFT checkpoint that passed the gates (orchestration.promotion).
+promoted_model: point the chat app at the SFT checkpoint that passed the gates (store.promotion).
 report: the run's report card in markdown (like the original's report.md), in metadata and the artifact store.
 
 promoted_model depends on both eval assets, so the blocking checks on them (checks.py) stop a regressed model
@@ -14,11 +14,12 @@ import dagster as dg
 import torch
 
 from orchestration.defs.resources import ArtifactStore
-from orchestration.keys import report_key
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
-from orchestration.promotion import write_pointer
-from orchestration.workspace import git_sha, retry_on_store_faults
+from orchestration.workspace import retry_on_store_faults
+from store.home import git_sha
+from store.keys import report_key
+from store.promotion import write_pointer
 
 PIPELINE = ["raw_shards", "tokenizer", "base_checkpoint", "base_eval", "mid_checkpoint", "sft_checkpoint",
             "chat_eval"]

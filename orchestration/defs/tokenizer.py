@@ -7,10 +7,11 @@ import dagster as dg
 
 from nanochat import tok_eval, tok_train
 from orchestration.defs.resources import ArtifactStore
-from orchestration.keys import tokenizer_key
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
-from orchestration.workspace import Workspace, fetch_upstream, git_sha, retry_on_store_faults
+from orchestration.workspace import Workspace, fetch_upstream, retry_on_store_faults
+from store.home import git_sha
+from store.keys import tokenizer_key
 
 
 @dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"pytorch"},

@@ -12,7 +12,6 @@ import dagster as dg
 
 from orchestration import resume
 from orchestration.defs.resources import ArtifactStore, EvalHistory
-from orchestration.keys import checkpoint_key
 from orchestration.launcher import Launcher
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
@@ -20,12 +19,13 @@ from orchestration.workspace import (
     PHASE_DIRS,
     Workspace,
     fetch_inputs,
-    git_sha,
     loss_table,
     nanochat_env,
     publish_checkpoint,
     retry_on_store_faults,
 )
+from store.home import git_sha
+from store.keys import checkpoint_key
 
 
 def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[str, str], profile: RunProfile,

@@ -1,7 +1,7 @@
 """
 Benchmark: a big checkpoint through nanochat-import to chat, on this machine. Prints numbers, asserts nothing.
 
-    python -m orchestration.import_bench --depth 20 --vocab 32768 --tokens 32
+    python -m importer.bench --depth 20 --vocab 32768 --tokens 32
 
 1. Build a randomly initialised d<depth> model of the original's shape (n_embd = 64 x depth, head dim 128) and save
    it with nanochat's own save path, flat, beside a tokenizer trained on the shared pretraining sample.
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from app.models import discover, load_candidate
-    from orchestration.artifact_store import LocalArtifactStore
-    from orchestration.importer import ImportRequest, import_checkpoint
+    from importer.cli import ImportRequest, import_checkpoint
+    from store.artifact_store import LocalArtifactStore
 
     with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
         root = Path(tmp)

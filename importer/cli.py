@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
+from importer.hub import Source, SourceError, parse_source, read_card_metadata
+from importer.layout import IMPORT_PHASES, Layout, LayoutError, find_layout, phase_from_meta
+from importer.scores import card_scores, comparison_table, history_scores
+from importer.verify import VerificationError, check_fetched, check_listing, read_meta, verify
 from nanochat.checkpoint_manager import PHASE_DIRS, meta_path, model_path
 from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME
-from orchestration import eval_store, home, keys
-from orchestration.artifact_store import ArtifactStore, ArtifactStoreError, artifact_store_from_url
-from orchestration.hub import Source, SourceError, parse_source, read_card_metadata
-from orchestration.import_layout import IMPORT_PHASES, Layout, LayoutError, find_layout, phase_from_meta
-from orchestration.import_scores import card_scores, comparison_table, history_scores
-from orchestration.import_verify import VerificationError, check_fetched, check_listing, read_meta, verify
+from store import eval_store, home, keys
+from store.artifact_store import ArtifactStore, ArtifactStoreError, artifact_store_from_url
 
 PROFILE = "imported"  # the profile imports are published and promoted under
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -123,7 +123,7 @@ def import_checkpoint(req: ImportRequest, store: ArtifactStore, db_path: str | o
     result["comparison"] = comparison_table(result.get("scores", {}), result.get("tasks", {}), card_scores(card))
     log(result["comparison"])
     if req.promote:
-        from orchestration.import_promote import promote
+        from importer.promote import promote
 
         result["promotion"] = promote(store, result, phase, tag, config.n_layer, log)
     return result
@@ -151,7 +151,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 def record(db_path, name: str, source: Source, revision: str | None, phase: str, step: int, tag: str, depth: int,
            sha256: str, uri: str, info: dict) -> None:
-    from orchestration.workspace import git_sha
+    from store.home import git_sha
 
     with eval_store.connect_rw(db_path) as conn:
         eval_store.record_run(conn, run_id(name), profile=PROFILE, depth=depth, git_sha=git_sha(),

@@ -5,7 +5,7 @@ Assets pass keys and URIs (never pickled objects). One interface, two backends, 
 Dagster in them (the chat app reads the store too; orchestration/defs/resources.py wraps them as a resource):
 
 - `LocalArtifactStore(root)`: files under root/<key> (the embedded default).
-- `S3ArtifactStore(bucket, prefix, endpoint_url, ...)` (orchestration/s3_store.py): AWS S3 or anything speaking
+- `S3ArtifactStore(bucket, prefix, endpoint_url, ...)` (store/s3_store.py): AWS S3 or anything speaking
   S3 (SeaweedFS, MinIO).
 
 Guarantees shared by both:
@@ -326,7 +326,7 @@ def artifact_store_from_url(url: str) -> ArtifactStore:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"no bucket in {url!r}: expected s3://bucket/prefix")
-        from orchestration.s3_store import S3ArtifactStore  # boto3 loads only when S3 is used
+        from store.s3_store import S3ArtifactStore  # boto3 loads only when S3 is used
 
         endpoint = os.environ.get("NANOCHAT_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
         return S3ArtifactStore(bucket=parsed.netloc, prefix=parsed.path.strip("/"), endpoint_url=endpoint)

@@ -1,6 +1,6 @@
 """
 The promotion pointer: a small JSON document in the artifact store naming the model the chat app should serve.
-Three copies are written (keys in orchestration.keys): the global pointer (the latest promotion, whatever its
+Three copies are written (keys in store.keys): the global pointer (the latest promotion, whatever its
 profile), the profile's pointer (one per profile partition and size: regression gates compare a new model with
 it) and a history entry that is never overwritten.
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from orchestration.artifact_store import ArtifactStore, validate_key
-from orchestration.keys import LATEST_KEY, history_key, profile_pointer_key
+from store.artifact_store import ArtifactStore, validate_key
+from store.keys import LATEST_KEY, history_key, profile_pointer_key
 
 POINTER_VERSION = 1
 

@@ -22,7 +22,7 @@ pseudo-task `AGGREGATE_TASK` ("all"), per-task numbers under the task's name (me
 with a full `CORE`. Times are naive UTC.
 
 The readers (history, compare, best, latest, the app's queries) and the documented SQL are in
-orchestration/eval_queries.py.
+store/eval_queries.py.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, stage, checkpoint_id, task, metric)
     );
     """,
-    # Imported checkpoints (orchestration/importer.py): where the weights came from and at which revision.
+    # Imported checkpoints (importer/cli.py): where the weights came from and at which revision.
     """
     ALTER TABLE runs ADD COLUMN source VARCHAR;
     ALTER TABLE runs ADD COLUMN revision VARCHAR;

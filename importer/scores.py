@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from orchestration import eval_store
+from store import eval_store
 
 # Our names, in table order, with the normalised fragments that identify them in a card (most specific first).
 CARD_NAMES = [

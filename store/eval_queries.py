@@ -1,5 +1,5 @@
 """
-Reading the eval history (orchestration/eval_store.py owns the schema and the writers): what `nanochat-evals`
+Reading the eval history (store/eval_store.py owns the schema and the writers): what `nanochat-evals`
 prints and what the chat app shows (its Scores tab and the scores in its model picker). Plain functions over a
 duckdb connection opened with `eval_store.connect_ro`; lists of dicts, no pandas; no Dagster.
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import duckdb
 
-from orchestration.eval_store import AGGREGATE_TASK
+from store.eval_store import AGGREGATE_TASK
 
 BEST_BY = ("depth", "profile", "stage", "task")
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from importer.hub import CARD_NAME
 from nanochat.checkpoint_manager import PHASE_DIRS, meta_path, model_path, step_of
 from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME
-from orchestration.hub import CARD_NAME
 
 IMPORT_PHASES = ("base", "mid", "sft")  # the stages the pipeline (and its eval history) knows
 TOKENIZER_DIR = "tokenizer"

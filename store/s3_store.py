@@ -1,7 +1,7 @@
 """
 The S3 backend of the artifact store (boto3): AWS S3, or SeaweedFS / MinIO through endpoint_url.
 
-The interface and its guarantees are in orchestration/artifact_store.py; this module only maps the backend
+The interface and its guarantees are in store/artifact_store.py; this module only maps the backend
 primitives onto S3 requests, with bounded retries and errors that say where and what to check.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pydantic import Field, PrivateAttr
 
-from orchestration.artifact_store import (
+from store.artifact_store import (
     STAGING,
     ArtifactIntegrityError,
     ArtifactStore,

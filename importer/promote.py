@@ -1,6 +1,6 @@
 """
 Promote an imported checkpoint: the same regression gate as a trained model (orchestration/defs/checks.py),
-then the same promotion pointer (orchestration/promotion.py) the app follows.
+then the same promotion pointer (store/promotion.py) the app follows.
 
 The gate compares with the promoted import of the same size (profile "imported"). A regression is only a
 warning here: an import is another lineage, not a retrain, and the user asked for this model by name. What
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestration.artifact_store import ArtifactStore
-from orchestration.importer import PROFILE
-from orchestration.keys import profile_pointer_key
-from orchestration.promotion import read_pointer, write_pointer
-from orchestration.workspace import git_sha
+from importer.cli import PROFILE
+from store.artifact_store import ArtifactStore
+from store.home import git_sha
+from store.keys import profile_pointer_key
+from store.promotion import read_pointer, write_pointer
 
 
 def promote(store: ArtifactStore, result: dict, phase: str, tag: str, depth: int,

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from importer.layout import Layout
 from nanochat.checkpoint_manager import CheckpointError, model_from_state_dict
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
-from orchestration.import_layout import Layout
 
 GIB = 1 << 30
 # Per-role size limits. A d32 (1.9B parameters) is 7.6 GB in fp32; NANOCHAT_IMPORT_MAX_MODEL_GB raises the cap.

@@ -1,5 +1,5 @@
 """
-nanochat-evals: read the eval history (see orchestration/eval_store.py) from the command line.
+nanochat-evals: read the eval history (see store/eval_store.py) from the command line.
 
     nanochat-evals history [--metric CORE] [--task T] [--stage S] [-n 10]
     nanochat-evals history --by-step [--run RUN]        one run's metric against its step and tokens seen
@@ -8,7 +8,7 @@ nanochat-evals: read the eval history (see orchestration/eval_store.py) from the
     nanochat-evals latest [--stage S] [--run RUN]
     nanochat-evals sql "SELECT ..."
 
---db PATH (default $NANOCHAT_DUCKDB, else $NANOCHAT_HOME/evals.duckdb; see orchestration/home.py), --json and
+--db PATH (default $NANOCHAT_DUCKDB, else $NANOCHAT_HOME/evals.duckdb; see store/home.py), --json and
 --wide go before or after the subcommand. Run ids may be given by a prefix (the 8 characters the Dagster UI
 shows). Tables fit a 120-column terminal: run ids are shown by their first 8 characters, checkpoint ids (sha256)
 by 12, and long text is cut with "…"; --wide prints everything in full, --json too. A metric with no rows lists
@@ -30,9 +30,9 @@ from typing import Any
 
 import duckdb
 
-from orchestration import eval_queries as eq
-from orchestration import eval_store as es
-from orchestration import home
+from store import eval_queries as eq
+from store import eval_store as es
+from store import home
 
 WIDTH = 120  # the terminal the table must fit without --wide
 SHORT_IDS = {"run_id": 8, "checkpoint_id": 12}  # as the Dagster UI shows run ids; 12 hex digits of a sha256

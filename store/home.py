@@ -9,7 +9,7 @@ read and write the same files with no other variable set.
     $NANOCHAT_HOME/home            DAGSTER_HOME: runs, event log (DAGSTER_HOME)
 
 The variable in brackets overrides one path (e.g. artifacts on S3, the rest local). Dagster-free: the app uses it.
-`python -m orchestration.home` creates DAGSTER_HOME with its dagster.yaml if missing and prints the resolved paths as
+`python -m store.home` creates DAGSTER_HOME with its dagster.yaml if missing and prints the resolved paths as
 shell exports (scripts/ui.sh and scripts/pipeline.sh eval it).
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,21 @@ def ensure_dagster_home() -> Path:
 def _path(variable: str, name: str) -> Path:
     value = os.environ.get(variable)
     return Path(value).expanduser().resolve() if value else home() / name
+
+
+def git_sha() -> str:
+    """The code's git revision (12 hex digits), recorded with every run; 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main() -> int:

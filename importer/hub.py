@@ -130,7 +130,7 @@ def _regular_size(path: Path) -> int:
 
 class S3Source(Source):
     def __init__(self, url: str):
-        from orchestration.artifact_store import artifact_store_from_url
+        from store.artifact_store import artifact_store_from_url
 
         self.url = url.rstrip("/")
         self.store = artifact_store_from_url(self.url)
