@@ -3,10 +3,14 @@ The chat app: `python -m app` serves the promoted model in a Gradio chat.
 
     chat.py      input checks, conversation -> prompt (with truncation), streaming and rendering a reply
     models.py    which checkpoints exist, loading one shared model, switching, watching for promotions
-    scores.py    the eval history (DuckDB) for the Scores tab
+    scores.py    the eval history (DuckDB) for the Scores tab: grouped series, a table and a plot
     ui.py        the Gradio Blocks: Chat and Scores tabs
     __main__.py  command line, /health, launch
-    demo.py      a tiny demo store to try it without the pipeline; screenshot.py: README screenshots
+    demo.py      a tiny demo store to try it without the pipeline
 """
 
 import nanochat  # noqa: F401,E402  (sets torch's OpenMP wait policy before anything imports torch)
+
+# Every time the app shows (picker, Scores axis and table) is in this one 24-hour format, in UTC: the pipeline
+# records naive UTC times, and a server's users may sit in any time zone.
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"

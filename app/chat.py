@@ -101,6 +101,13 @@ def build_prompt(tokenizer, messages: list[dict], sequence_len: int, reply_room:
     return Prompt(ids, len(exchanges) - len(kept), budget)
 
 
+def default_max_tokens(sequence_len: int) -> int:
+    """The reply length the app starts with: a quarter of the context (at most 512), so a first exchange at full
+    length leaves room for the second turn's question and reply (at the whole context, the second turn of every
+    chat would drop the first)."""
+    return max(1, min(512, sequence_len // 4))
+
+
 def reply_room(sequence_len: int, max_tokens: int) -> int:
     """Room kept for the reply: what was asked for, but never more than half the context (a long max-tokens
     setting must not squeeze the conversation out entirely)."""

@@ -28,9 +28,11 @@ import torch
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import get_shared_data_dir
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tok_train import text_iterator
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
+from store.keys import checkpoint_key, tokenizer_key
 from store.promotion import write_pointer
 
 PROFILE = "demo"
@@ -39,15 +41,8 @@ CHAT_FILES = ("chat/oasst_en100_best_path.jsonl", "chat/self_instruct_human.json
 
 
 def train_tokenizer(max_chars: int = 1_000_000, vocab_size: int = 512) -> RustBPETokenizer:
-    import pyarrow.parquet as pq
-
-    texts, n = [], 0
-    for text in pq.read_table(get_shared_data_dir() / "pretrain" / "shard_00000.parquet", columns=["text"])["text"]:
-        texts.append(text.as_py())
-        n += len(texts[-1])
-        if n >= max_chars:
-            break
-    return RustBPETokenizer.train_from_iterator(iter(texts), vocab_size)
+    texts = text_iterator(max_chars, doc_cap=10_000, data_dir=get_shared_data_dir() / "pretrain")
+    return RustBPETokenizer.train_from_iterator(texts, vocab_size)
 
 
 def chat_stream(tokenizer, sequence_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +113,7 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
         tok_dir = Path(tmp) / "tokenizer"
         tokenizer.save(tok_dir)
         save_token_bytes(tokenizer, tok_dir)
-        tok = store.put_dir(tok_dir, f"tokenizer/{PROFILE}/{run_id}")
+        tok = store.put_dir(tok_dir, tokenizer_key(PROFILE, run_id))
         published["tokenizer"] = tok
         for version in range(1, versions + 1):
             started = time.perf_counter()
@@ -130,14 +125,11 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
                             {"model_config": config.to_dict(), "step": step, "val_loss": val_loss,
                              "note": "app.demo: a tiny model trained for seconds on the shared chat data"})
             version_run = f"{run_id}-v{version}"
-            info = store.put_dir(ckpt_dir, f"sft_checkpoint/{PROFILE}/{model_tag}/{version_run}")
-            with eval_store.connect_rw(db_path) as conn:
-                eval_store.record_run(conn, version_run, profile=PROFILE, depth=n_layer, config=config.to_dict())
-                eval_store.record_checkpoint(conn, info.sha256, run_id=version_run, stage="sft", step=step,
-                                             uri=info.uri)
-                eval_store.record_eval_results(conn, version_run, "sft", info.sha256,
-                                               {"validation": {"val_loss": val_loss}}, profile=PROFILE,
-                                               depth=n_layer)
+            info = store.put_dir(ckpt_dir, checkpoint_key("sft", PROFILE, model_tag, version_run))
+            with eval_store.connect_rw(db_path) as conn:  # the rows the pipeline's sft_checkpoint asset writes
+                eval_store.record(conn, run_id=version_run, stage="sft", checkpoint_id=info.sha256, step=step,
+                                  uri=info.uri, profile=PROFILE, depth=n_layer, config=config.to_dict(),
+                                  scores={eval_store.LOSS_TASKS[0]: {"val_loss": val_loss}})
             write_pointer(store, {
                 "profile": PROFILE, "depth": n_layer,
                 "checkpoint": {"key": info.key, "uri": info.uri, "sha256": info.sha256, "stage": "sft", "step": step,

@@ -21,23 +21,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import torch
 
+from app import TIME_FORMAT
 from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
 from nanochat.common import default_dtype
 from nanochat.engine import Engine
 from nanochat.safe_io import clip, is_panic
 from nanochat.tokenizer import load_tokenizer
-from store import eval_queries, eval_store
+from store import eval_queries
 from store.artifact_store import MANIFEST_NAME, ArtifactStore
-from store.promotion import LATEST_KEY, check_pointer, read_pointer
+from store.keys import HISTORY_PREFIX, LATEST_KEY, STAGES, checkpoints_prefix, parse_checkpoint_key
+from store.promotion import STAMP_FORMAT, check_pointer, read_pointer
 
 log = logging.getLogger("app")
 
-STAGES = ("sft", "mid", "base")  # published checkpoints live under <stage>_checkpoint/<profile>/<tag>/<run id>
-HISTORY_PREFIX = "promoted/history"
 MAX_HISTORY = 50  # promotions listed in the picker, newest first
+# How the picker tells the served promotion from earlier ones (a history entry is never the current one: the
+# first mention of a checkpoint wins, and the promoted one comes before the history).
+SOURCE_MARKS = {"promoted": "★ promoted · ", "history": "↩ earlier promotion · "}
 
 
 @dataclass
@@ -58,16 +60,15 @@ class Candidate:
     model_tag: str | None = None
     date: datetime | None = None  # when it was promoted (or created)
     scores: dict[str, float] = field(default_factory=dict)  # e.g. {"CORE": 0.21, "ChatCORE[5/6]": 0.3}
-    promoted: bool = False  # named by promoted/latest.json right now
     origin: str | None = None  # an imported checkpoint's source (hf:OWNER/REPO, s3://..., a path)
     error: str | None = None  # why it could not be loaded the last time it was tried (shown in the picker)
 
     def label(self) -> str:
         where = " ".join(x for x in (self.profile, self.model_tag) if x) or self.source
-        parts = [f"{'★ ' if self.promoted else ''}{self.stage} {where}",
+        parts = [f"{SOURCE_MARKS.get(self.source, '')}{self.stage} {where}",
                  f"step {self.step}" if self.step is not None else "step ?"]
         if self.date:
-            parts.append(self.date.strftime("%Y-%m-%d %H:%M"))
+            parts.append(f"{self.date.strftime(TIME_FORMAT)} UTC")
         parts += [f"{name} {value:.4f}" for name, value in self.scores.items()]
         if self.source == "command line":
             parts.append(str(self.checkpoint_dir))
@@ -98,11 +99,10 @@ class Loaded:
 
 
 def _parse_stamp(value: Any) -> datetime | None:
-    """promoted_at is written as 20250101T120000123456Z (UTC)."""
     if isinstance(value, datetime):
         return value
     try:
-        return datetime.strptime(str(value), "%Y%m%dT%H%M%S%fZ")
+        return datetime.strptime(str(value), STAMP_FORMAT)
     except ValueError:
         return None
 
@@ -150,24 +150,15 @@ def local_candidate(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None
 
 
 def read_eval_index(db_path: str | Path | None) -> tuple[dict[str, dict], str | None]:
-    """{checkpoint_id and uri: {"checkpoint_id", "step", "created_at", "scores"}} from the eval history, and a note
-    when it could not be read. An SFT or mid checkpoint also shows the CORE of its run's base checkpoint (CORE is
-    measured on base models; ChatCORE on chat models)."""
+    """{checkpoint_id and uri: a checkpoint of eval_queries.checkpoint_scores} from the eval history, and a note
+    when it could not be read."""
     if not db_path or not Path(db_path).exists():
         return {}, None
     try:
-        with eval_store.connect_ro(db_path, retries=2, backoff=0.1) as conn:
-            eval_store.check_schema(conn)
-            checkpoints = eval_queries.checkpoint_scores(conn)
-    except eval_store.DatabaseLockedError:
-        return {}, "eval history busy (a writer holds it): scores not shown; refresh the list to retry"
-    except (duckdb.Error, eval_store.SchemaVersionError, OSError) as e:
-        return {}, f"eval history unreadable ({type(e).__name__}: {e}): scores not shown"
-    index: dict[str, dict] = {}
-    for c in checkpoints:
-        entry = {k: c[k] for k in ("checkpoint_id", "step", "created_at", "scores")}
-        index[c["checkpoint_id"]] = index[c["uri"]] = entry
-    return index, None
+        checkpoints = eval_queries.read_history(db_path, eval_queries.checkpoint_scores, retries=2)
+    except eval_queries.HistoryUnavailable as e:
+        return {}, f"{e}: scores not shown" + ("; refresh the list to retry" if e.busy else "")
+    return {key: c for c in checkpoints for key in (c["checkpoint_id"], c["uri"])}, None
 
 
 def discover(store: ArtifactStore | None, db_path: str | Path | None = None,
@@ -180,9 +171,7 @@ def discover(store: ArtifactStore | None, db_path: str | Path | None = None,
         try:
             pointer = read_pointer(store, LATEST_KEY)
             if pointer is not None:
-                promoted = from_pointer(store, pointer, "promoted", store.uri(LATEST_KEY))
-                promoted.promoted = True
-                candidates.append(promoted)
+                candidates.append(from_pointer(store, pointer, "promoted", store.uri(LATEST_KEY)))
         except Exception as e:  # unreachable S3, a malformed pointer: the app still serves what it can
             pointer = None
             notes.append(f"cannot read the promotion pointer {store.uri(LATEST_KEY)}: {clip(str(e), 500)}")
@@ -227,22 +216,22 @@ def _history(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
 
 def _published(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
     out = []
-    for stage in STAGES:
+    for stage in reversed(STAGES):  # sft first: the likeliest to chat well
         try:
-            keys = store.list_keys(f"{stage}_checkpoint")
+            keys = store.list_keys(checkpoints_prefix(stage))
         except Exception as e:
             notes.append(f"cannot list {stage} checkpoints: {e}")
             continue
-        for key in keys:
-            if not key.endswith(f"/{MANIFEST_NAME}"):
-                continue
+        for key in (k for k in keys if k.endswith(f"/{MANIFEST_NAME}")):  # one manifest per published checkpoint
             prefix = key[: -len(MANIFEST_NAME) - 1]
-            parts = prefix.split("/")  # <stage>_checkpoint/<profile>/<tag>/<run id>
+            try:
+                parsed = parse_checkpoint_key(prefix)
+            except ValueError:
+                continue  # not at a checkpoint's place in the layout (store.keys)
             out.append(Candidate(id=prefix, stage=stage, step=_manifest_step(store, key), source="store",
-                                 checkpoint_key=prefix,
-                                 uri=store.uri(prefix), profile=parts[1] if len(parts) > 1 else None,
-                                 model_tag=parts[2] if len(parts) > 2 else None,
-                                 origin=_import_origin(store, prefix) if parts[1:2] == ["imported"] else None))
+                                 checkpoint_key=prefix, uri=store.uri(prefix), profile=parsed.profile,
+                                 model_tag=parsed.model_tag,
+                                 origin=_import_origin(store, prefix) if parsed.profile == "imported" else None))
     return out
 
 
