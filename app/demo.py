@@ -27,6 +27,7 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import get_shared_data_dir
+from nanochat.dataloader import SFTBatchLoader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tok_train import text_iterator
 from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
@@ -45,48 +46,29 @@ def train_tokenizer(max_chars: int = 1_000_000, vocab_size: int = 512) -> RustBP
     return RustBPETokenizer.train_from_iterator(texts, vocab_size)
 
 
-def chat_stream(tokenizer, sequence_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every shared conversation rendered in the chat format, concatenated: (ids, targets) where targets are -1
-    outside the assistant's own tokens (the SFT loss mask)."""
-    conversations = [json.loads(line) for name in CHAT_FILES
-                     for line in (get_shared_data_dir() / name).read_text(encoding="utf-8").splitlines()]
-    random.Random(0).shuffle(conversations)  # mixed sources, so the last 10% (validation) looks like the rest
-    ids: list[int] = []
-    mask: list[int] = []
-    for conversation in conversations:
-        row_ids, row_mask = tokenizer.render_conversation(conversation, max_tokens=sequence_len)
-        ids += row_ids
-        mask += row_mask
-    x = torch.tensor(ids, dtype=torch.long)
-    y = torch.where(torch.tensor(mask) == 1, x, torch.full_like(x, -1))
-    return x, y
+def conversations() -> tuple[list[dict], list[dict]]:
+    """The shared chat conversations, shuffled (mixed sources, so the validation tenth looks like the rest)."""
+    rows = [json.loads(line) for name in CHAT_FILES
+            for line in (get_shared_data_dir() / name).read_text(encoding="utf-8").splitlines()]
+    random.Random(0).shuffle(rows)
+    return rows[: len(rows) * 9 // 10], rows[len(rows) * 9 // 10:]
 
 
-def train(model: GPT, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> float:
-    """Plain AdamW on random windows of the stream; returns the last loss."""
-    if steps <= 0:
-        return float("nan")
-    gen = torch.Generator().manual_seed(seed)
+def train(model: GPT, batches: SFTBatchLoader, steps: int) -> None:
+    """Plain AdamW on SFT batches (the loss on the assistant's tokens only, as nanochat.chat_sft trains)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        starts = torch.randint(0, len(x) - seq - 1, (batch,), generator=gen)
-        xb = torch.stack([x[s:s + seq] for s in starts])
-        yb = torch.stack([y[s + 1:s + seq + 1] for s in starts])
-        loss = model(xb, yb)
+    for _, (x, y) in zip(range(steps), batches):
+        loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
-    return loss.item()
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, seq: int) -> float:
-    n = (len(x) - 1) // seq
-    xb, yb = x[: n * seq].view(n, seq), y[1: n * seq + 1].view(n, seq)
-    return float(model(xb[:64], yb[:64]))
+def validation_loss(model: GPT, batches: SFTBatchLoader, steps: int = 4) -> float:
+    return sum(float(model(x, y)) for _, (x, y) in zip(range(steps), batches)) / steps
 
 
 def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int = 2, sequence_len: int = 256,
@@ -104,8 +86,9 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
     model.init_weights()
     if steps <= 0:  # untrained: give the zero-initialized head some weights so replies are not all one token
         torch.nn.init.normal_(model.lm_head.weight, std=0.5)
-    x, y = chat_stream(tokenizer, sequence_len)
-    split = int(len(x) * 0.9)
+    train_rows, val_rows = conversations()
+    seq = min(128, sequence_len)
+    batches = SFTBatchLoader(tokenizer, train_rows, B=16, T=seq)  # each version trains on the next conversations
 
     run_id, model_tag = f"demo-{uuid.uuid4().hex[:8]}", f"d{n_layer}"
     published: dict[str, Any] = {"store": store, "db_path": db_path, "checkpoints": []}
@@ -117,8 +100,8 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
         published["tokenizer"] = tok
         for version in range(1, versions + 1):
             started = time.perf_counter()
-            train(model, x[:split], y[:split], steps, batch=16, seq=min(128, sequence_len), seed=seed + version)
-            val_loss = validation_loss(model, x[split:], y[split:], min(128, sequence_len))
+            train(model, batches, steps)
+            val_loss = validation_loss(model, SFTBatchLoader(tokenizer, val_rows, B=16, T=seq))
             step = steps * version
             ckpt_dir = Path(tmp) / f"v{version}"
             save_checkpoint(ckpt_dir, step, model.state_dict(), None,

@@ -41,6 +41,8 @@ class Scores:
         df = self.table.assign(at=pd.to_datetime(self.table[TABLE_COLUMNS[0]]))
         for name, rows in df.groupby(df["profile"].astype(str) + " d" + df["depth"].astype(str) + " " + df["stage"]):
             ax.plot(rows["at"], rows["value"], marker="o", label=name)
+        if df["at"].nunique() == 1:  # one run: an hour around it (matplotlib would span years)
+            ax.set_xlim(df["at"].iloc[0] - pd.Timedelta(minutes=30), df["at"].iloc[0] + pd.Timedelta(minutes=30))
         ax.xaxis.set_major_formatter(DateFormatter(TIME_FORMAT, tz=timezone.utc))
         ax.tick_params(axis="x", labelrotation=20)
         ax.set(xlabel="recorded at (UTC)", ylabel=self.selected or "value")

@@ -83,6 +83,14 @@ def _drop_unanswered(state: dict) -> None:
 # Chat handlers (generators: every yield streams to the browser)
 
 
+def _refuse(state: dict, title: str, detail: str, status: str | None = None) -> tuple[list, dict, str]:
+    """The reply cannot be written: a notice says why, and the unanswered message leaves the conversation."""
+    state = _copy(state)
+    _drop_unanswered(state)
+    state["display"].append(notice(title, detail))
+    return state["display"], state, status or title
+
+
 def generate(manager: ModelManager, state: dict, temperature: float, top_k: float, max_tokens: float, *,
              stream_every: float = 0.0) -> Iterator[tuple[list, dict, str]]:
     """Reply to the conversation in state (it ends with a user message): yield (display, state, status) as tokens
@@ -90,25 +98,22 @@ def generate(manager: ModelManager, state: dict, temperature: float, top_k: floa
     rendering every token would cost more than generating it)."""
     loaded = manager.current
     if loaded is None:
-        _drop_unanswered(state)
-        state["display"].append(notice("⚠️ No model loaded: pick one in the model list",
-                                       "Or start the app with --checkpoint DIR, or promote a model."))
-        yield state["display"], state, "⚠️ No model loaded."
+        yield _refuse(state, "⚠️ No model loaded: pick one in the model list",
+                      "Or start the app with --checkpoint DIR, or promote a model.", "⚠️ No model loaded.")
         return
     messages, display = state["messages"], state["display"]
     try:
         sequence_len = loaded.model.config.sequence_len
-        max_tokens = int(max_tokens)
-        prompt = build_prompt(loaded.tokenizer, messages, sequence_len, reply_room(sequence_len, max_tokens))
-        if prompt.dropped_exchanges:
-            n = prompt.dropped_exchanges
+        prompt = build_prompt(loaded.tokenizer, messages, sequence_len, reply_room(sequence_len, int(max_tokens)))
+        if n := prompt.dropped_exchanges:
             display.append(notice(
                 f"✂️ Context truncated: {dropped(n)} no longer {'fits' if n == 1 else 'fit'} the model's "
                 f"{sequence_len}-token context", "This reply is written without it. Start a new chat to begin afresh."))
         # The reply stops at the model's sequence length too: it was never trained to attend further back.
-        max_tokens = min(max_tokens, sequence_len - len(prompt.tokens))
-        replies = stream_reply(loaded.engine, prompt.tokens, max_tokens=max_tokens, temperature=float(temperature),
-                               top_k=int(top_k), seed=random.randrange(2**31), step_lock=manager.step_lock)
+        replies = stream_reply(loaded.engine, prompt.tokens, max_tokens=min(int(max_tokens), sequence_len -
+                               len(prompt.tokens)), temperature=float(temperature), top_k=int(top_k),
+                               seed=random.randrange(2**31), step_lock=manager.step_lock)
+
         def with_reply(reply) -> dict:
             shown = {"role": "assistant", "content": reply.markdown()}
             return {**state, "messages": messages + [reply.message()], "display": display + [shown]}
@@ -123,30 +128,24 @@ def generate(manager: ModelManager, state: dict, temperature: float, top_k: floa
             last_update = now
             streaming = with_reply(reply)
             yield streaming["display"], streaming, f"Generating… {reply.num_tokens} tokens"
-        state = with_reply(reply)
         manager.record_reply(reply.num_tokens, reply.seconds, loaded.candidate.id)
-        state["replies"] = state["replies"] + [{"model": loaded.candidate.id, "sha256": loaded.sha256,
-                                                "step": loaded.step, "tokens": reply.num_tokens,
-                                                "tok_per_sec": round(reply.tok_per_sec, 1)}]
+        done = with_reply(reply)
+        done["replies"] = done["replies"] + [{"model": loaded.candidate.id, "sha256": loaded.sha256,
+                                              "step": loaded.step, "tokens": reply.num_tokens,
+                                              "tok_per_sec": round(reply.tok_per_sec, 1)}]
         status = (f"{reply.num_tokens} tokens in {reply.seconds:.2f} s = **{reply.tok_per_sec:.1f} tok/s** "
                   f"· {loaded.candidate.label()}")
         if prompt.dropped_exchanges:
             status += f" · ✂️ {dropped(prompt.dropped_exchanges)} left out of the context"
-        yield state["display"], state, status
+        yield done["display"], done, status
     except InputError as e:
-        state = {**state, "messages": list(messages), "display": list(display)}
-        _drop_unanswered(state)
-        state["display"].append(notice(f"⚠️ Not sent: {e}", "Edit the message and send it again."))
-        yield state["display"], state, f"⚠️ {e}"
+        yield _refuse(state, f"⚠️ Not sent: {e}", "Edit the message and send it again.", f"⚠️ {e}")
     except BaseException as e:  # a Rust panic from the tokenizer is a BaseException; stopping (GeneratorExit) is not
         if not is_failure(e):
             raise
         log.exception("reply failed")
-        state = {**state, "messages": list(messages), "display": list(display)}
-        _drop_unanswered(state)
-        state["display"].append(notice(f"⚠️ The reply failed: {type(e).__name__}: {e}",
-                                       "The server logged the details; other chats are not affected."))
-        yield state["display"], state, f"⚠️ The reply failed: {type(e).__name__}: {e}"
+        yield _refuse(state, f"⚠️ The reply failed: {type(e).__name__}: {e}",
+                      "The server logged the details; other chats are not affected.")
 
 
 def respond(manager: ModelManager, max_chars: int, message: str, state: dict, temperature: float, top_k: float,
@@ -184,6 +183,10 @@ def regenerate(manager: ModelManager, state: dict, temperature: float, top_k: fl
     state["display"] = state["display"][: last_user + 1]
     yield state["display"], state, "Regenerating…"
     yield from generate(manager, state, temperature, top_k, max_tokens, stream_every=stream_every)
+
+
+def example_text(picked: gr.SelectData) -> str:
+    return picked.value["text"]
 
 
 def undo(state: dict) -> tuple[Any, list, dict, str]:
@@ -354,7 +357,7 @@ def build_ui(manager: ModelManager, db_path: Path | None, max_input_chars: int =
         chat_out = [textbox, chatbot, state, status]
         send_event = send.click(chat, [textbox, state, *sampling], chat_out, api_name="chat")
         submit_event = textbox.submit(chat, [textbox, state, *sampling], chat_out, api_visibility="private")
-        example_event = chatbot.example_select(lambda picked: picked.value["text"], None, textbox,
+        example_event = chatbot.example_select(example_text, None, textbox,
                                                api_visibility="private").then(chat, [textbox, state, *sampling],
                                                                               chat_out, api_visibility="private")
         again = partial(regenerate, manager, stream_every=stream_every)

@@ -637,13 +637,15 @@ def test_scores_tab_groups_series_and_survives_a_busy_writer(server, demo):
         "ChatCORE tasks": ["ARC-Easy · accuracy"], "Loss and bpb": ["validation · val_loss"]}
     client = server.client()
     group, series, plot, table, message = client.predict(None, None, api_name="/scores")
-    assert (group, series) == ("Headline", "all · ChatCORE[5/6]") and "results for **all · ChatCORE[5/6]**" in message
+    assert (group["value"], series["value"]) == ("Headline", "all · ChatCORE[5/6]")
+    assert "results for **all · ChatCORE[5/6]**" in message
     assert table["headers"][:3] == ["recorded at (UTC)", "profile", "depth"] and len(table["data"]) == 1
     assert re.fullmatch(TIME, table["data"][0][0])
     group, series, _, _, message = client.predict("CORE tasks", None, api_name="/scores")  # a group's first series
-    assert (group, series) == ("CORE tasks", "hellaswag · accuracy") and "1 results" in message
-    group, series, plot, table, message = client.predict(None, "validation · val_loss", api_name="/scores")
-    assert group == "Loss and bpb" and len(table["data"]) == 2
+    assert series == {"__type__": "update", "choices": [["hellaswag · accuracy"] * 2], "value": "hellaswag · accuracy"}
+    assert group["value"] == "CORE tasks" and "1 results" in message
+    group, series, plot, table, message = client.predict("Loss and bpb", None, api_name="/scores")
+    assert series["value"] == "validation · val_loss" and len(table["data"]) == 2
     assert {row[5] for row in table["data"]} == {demo["v1"]["step"], demo["v2"]["step"]}  # the step column
 
     # Another process holds the database open for writing: the tab says so, the app keeps working.
@@ -732,9 +734,9 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
         # Switch to v1 in the picker, then chat with it.
         page.locator("#picker input").click()
         option = page.get_by_role("option", name=f"step {demo['v1']['step']} ·").first
-        assert option.inner_text().startswith("↩ earlier promotion · ")
+        assert "↩ earlier promotion · sft demo d1" in option.inner_text()
         served = page.get_by_role("option", name=f"step {demo['v2']['step']} ·").first
-        assert served.inner_text().startswith("★ promoted · ")
+        assert "★ promoted · sft demo d1" in served.inner_text()
         option.click()
         page.locator("#serving").get_by_text(f"step {demo['v1']['step']} ·").wait_for(timeout=60_000)
         page.locator("#message textarea").fill("And now another model: 2+2?")
@@ -755,9 +757,12 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
         assert page.locator('[data-testid="user"]').all_inner_texts() == [EXAMPLES[1]]
 
         page.get_by_role("tab", name="Scores").click()
-        page.locator("#scores-message").get_by_text("results for").wait_for()
-        page.locator("#scores-plot img").wait_for()
+        page.locator("#scores-message").get_by_text("results for all · ChatCORE[5/6]").wait_for()
         assert page.locator("#score-group").get_by_text("ChatCORE tasks").is_visible()
+        page.locator("#score-group").get_by_text("Loss and bpb").click()
+        page.locator("#scores-message").get_by_text("2 results for validation · val_loss").wait_for()
+        page.locator("#scores-plot img").wait_for()
+        assert page.locator("#scores-table").get_by_text("recorded at (UTC)").is_visible()
         scores_out = artifact_dir() / "chat_app_scores.png"
         page.screenshot(path=str(scores_out), full_page=True)
     for png in (out, scores_out):
