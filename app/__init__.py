@@ -6,7 +6,8 @@ The chat app: `python -m app` serves the promoted model in a Gradio chat.
     scores.py    the eval history (DuckDB) for the Scores tab: grouped series, a table and a plot
     ui.py        the Gradio Blocks: Chat and Scores tabs
     __main__.py  command line, /health, launch
-    demo.py      a tiny demo store to try it without the pipeline
+
+The app only reads the store and the eval history; importer/demo.py publishes a tiny demo to chat with.
 """
 
 import nanochat  # noqa: F401,E402  (sets torch's OpenMP wait policy before anything imports torch)

@@ -35,10 +35,10 @@ from app.chat import (
     reply_room,
     stream_reply,
 )
-from app.demo import build_demo
 from app.models import ModelManager, discover, local_candidate
 from app.scores import read_scores
 from app.ui import EXAMPLES, generate, new_session, respond
+from importer.demo import build_demo
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig

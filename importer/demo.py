@@ -1,10 +1,10 @@
 """
-python -m app.demo DIR: something to chat with, without running the pipeline. Builds, in a few seconds on a CPU:
+python -m importer.demo DIR: something to chat with, without running the pipeline. Builds, in a few seconds on a CPU:
 a tokenizer (trained on the shared pretraining text) and two tiny chat models trained on the shared chat data,
 published under DIR/artifacts exactly as the pipeline publishes them (tokenizer/, sft_checkpoint/ directories with
 manifests, promotion pointers for both, newest last), with their measured validation loss in DIR/evals.duckdb.
 
-    python -m app.demo /tmp/nanochat-demo
+    python -m importer.demo /tmp/nanochat-demo
     python -m app --artifacts /tmp/nanochat-demo/artifacts --duckdb /tmp/nanochat-demo/evals.duckdb
 
 The models are a few hundred thousand parameters trained for seconds: they answer in English-looking word salad.
@@ -106,7 +106,7 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
             ckpt_dir = Path(tmp) / f"v{version}"
             save_checkpoint(ckpt_dir, step, model.state_dict(), None,
                             {"model_config": config.to_dict(), "step": step, "val_loss": val_loss,
-                             "note": "app.demo: a tiny model trained for seconds on the shared chat data"})
+                             "note": "importer.demo: a tiny model trained for seconds on the shared chat data"})
             version_run = f"{run_id}-v{version}"
             info = store.put_dir(ckpt_dir, checkpoint_key("sft", PROFILE, model_tag, version_run))
             with eval_store.connect_rw(db_path) as conn:  # the rows the pipeline's sft_checkpoint asset writes
@@ -126,7 +126,7 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(prog="python -m importer.demo", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("dir", help="where to put artifacts/ and evals.duckdb (replaced if it holds a demo)")
     p.add_argument("--steps", type=int, default=300, help="training steps per model version")
     p.add_argument("--seed", type=int, default=0)
