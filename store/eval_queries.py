@@ -1,7 +1,9 @@
 """
 Reading the eval history (store/eval_store.py owns the schema and the writers): what `nanochat-evals`
-prints and what the chat app shows (its Scores tab and the scores in its model picker). Plain functions over a
-duckdb connection opened with `eval_store.connect_ro`; lists of dicts, no pandas; no Dagster.
+prints and what the chat app shows (its Scores tab, grouped by `series_groups`, and the scores in its model
+picker). Plain functions over a duckdb connection opened with `eval_store.connect_ro` (the app opens its short
+ones through `read_history`, which turns a missing, busy or unreadable file into a message); lists of dicts, no
+pandas; no Dagster.
 
 Documented SQL (run it with `nanochat-evals sql "..."` or any DuckDB client opened read-only):
 
