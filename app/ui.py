@@ -191,16 +191,18 @@ def example_text(picked: gr.SelectData) -> str:
 
 def undo(state: dict) -> tuple[Any, list, dict, str]:
     """Take back the last message and its reply; the message goes back into the textbox (as gr.ChatInterface does).
-    Yields (textbox, chatbot, state, status)."""
+    Returns (textbox, chatbot, state, status)."""
     state = _copy(state)
     users = [i for i, m in enumerate(state["display"]) if m["role"] == "user"]
     if not users:
         return gr.skip(), state["display"], state, "Nothing to undo."
     text = state["display"][users[-1]]["content"]
+    answered = any(m["role"] == "assistant" and "metadata" not in m for m in state["display"][users[-1]:])
     state["display"] = state["display"][: users[-1]]
-    if sum(m["role"] == "user" for m in state["messages"]) == len(users):  # else it was never answered (dropped)
-        last = max(i for i, m in enumerate(state["messages"]) if m["role"] == "user")
-        state["messages"], state["replies"] = state["messages"][:last], state["replies"][: last // 2]
+    if state["messages"] and state["messages"][-1]["role"] == "user":  # sent, not answered (yet)
+        state["messages"].pop()
+    elif answered:  # a refused or failed message never joined the conversation: nothing to take out of it
+        state["messages"], state["replies"] = state["messages"][:-2], state["replies"][:-1]
     return text, state["display"], state, "Took back the last message."
 
 

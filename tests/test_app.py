@@ -37,7 +37,7 @@ from app.chat import (
 )
 from app.models import ModelManager, discover, local_candidate
 from app.scores import read_scores
-from app.ui import EXAMPLES, generate, new_session, respond
+from app.ui import EXAMPLES, generate, new_session, respond, undo
 from importer.demo import build_demo
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
@@ -318,6 +318,17 @@ def test_the_default_max_tokens_leave_the_second_turn_its_context(manager):
         assert "tok/s" in status and "left out of the context" not in status, status
     assert [m["role"] for m in state["messages"]] == ["user", "assistant"] * 2
     assert not [m for m in display if "metadata" in m]  # no truncation notice
+
+
+def test_undo_takes_back_the_last_exchange_only(manager):
+    *_, (_, display, state, _) = respond(ModelManager(None, None, "cpu"), 8000, "refused", new_session(), 0.7, 50, 8)
+    *_, (_, display, state, _) = respond(manager, 8000, "answered", state, 0.7, 50, 8)
+    assert [m["role"] for m in state["messages"]] == ["user", "assistant"] and len(state["replies"]) == 1
+    text, display, state, status = undo(state)
+    assert text == "answered" and state["messages"] == [] and state["replies"] == []
+    assert [m["content"] for m in display if m["role"] == "user"] == ["refused"]  # the earlier turn stays shown
+    text, display, state, _ = undo(state)
+    assert text == "refused" and display == [] and state["messages"] == []
 
 
 def test_stream_updates_are_batched_by_time(manager):
