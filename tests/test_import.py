@@ -105,7 +105,7 @@ def assert_serves_like_direct(target, result, checkpoint_dir: Path, tokenizer) -
     candidates, _, notes = discover(target["store"], target["db"])
     candidate = next(c for c in candidates if c.id == result["checkpoint_key"])
     assert candidate.origin == result["source"] and result["source"] in candidate.label()
-    loaded = load_candidate(target["store"], candidate, "cpu", candidates)
+    loaded = load_candidate(target["store"], candidate, "cpu")
     direct, _, _ = build_model(checkpoint_dir, result["step"], "cpu", tokenizer=tokenizer)
     assert loaded.sha256 == result["sha256"] and loaded.step == result["step"]
     expected = greedy(direct, tokenizer)
