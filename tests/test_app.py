@@ -36,9 +36,17 @@ from app.demo import build_demo
 from app.models import ModelManager, discover, local_candidate
 from app.scores import read_scores
 from app.ui import generate, new_session, respond
-from nanochat.checkpoint_manager import CheckpointError, meta_path, read_meta, recorded_tokenizer, save_checkpoint
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    meta_path,
+    read_meta,
+    recorded_tokenizer,
+    save_checkpoint,
+    tokenizer_record,
+)
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
+from nanochat.tokenizer import fingerprint
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
 from store.promotion import read_pointer, write_pointer
@@ -466,17 +474,19 @@ def test_switching_models_without_restart(server, demo):
         client.predict("no/such/checkpoint", api_name="/switch_model")
 
 
-def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, demo, tmp_path):
+def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, demo, tmp_path, small_tokenizer):
     store, key = demo["store"], "sft_checkpoint/demo/d1/broken-run"
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_000001.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "broken" / "meta_000001.json").write_text("{}")
+    # A meta that names the demo's tokenizer and nothing else: the tokenizer loads, the model cannot.
+    record = tokenizer_record(demo["tokenizer"].key, fingerprint(small_tokenizer))
+    (tmp_path / "broken" / "meta_000001.json").write_text(json.dumps({"tokenizer": record}))
     store.put_dir(tmp_path / "broken", key)
     try:
         client = server.client()
         client.predict(api_name="/refresh_models")
         picker, serving, status = client.predict(key, api_name="/switch_model")
-        # The meta is read first ("{}": no model_config), so the broken model file is never even opened.
+        # The meta is read first (no model_config), so the broken model file is never even opened.
         assert "Could not load that model: CheckpointError:" in status and "no 'model_config'" in status
         health = server.health()
         assert health["status"] == "ok" and health["checkpoint"]["sha256"] == demo["v2"]["sha256"]
