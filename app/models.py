@@ -24,15 +24,23 @@ from typing import Any
 import torch
 
 from app import TIME_FORMAT
-from nanochat.checkpoint_manager import CheckpointError, build_model, find_last_step, model_path, source_of, step_of
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    build_model,
+    find_last_step,
+    model_path,
+    read_meta,
+    recorded_tokenizer,
+    source_of,
+    step_of,
+)
 from nanochat.common import default_dtype
 from nanochat.engine import Engine
 from nanochat.safe_io import clip, is_panic
 from nanochat.tokenizer import load_tokenizer
-from store import eval_queries
+from store import eval_queries, keys
 from store.artifact_store import MANIFEST_NAME, ArtifactStore
-from store.keys import HISTORY_PREFIX, LATEST_KEY, STAGES, checkpoints_prefix, parse_checkpoint_key
-from store.promotion import STAMP_FORMAT, check_pointer, read_pointer
+from store.promotion import LATEST_KEY, STAMP_FORMAT, check_pointer, read_pointer
 
 log = logging.getLogger("app")
 
@@ -202,11 +210,11 @@ def discover(store: ArtifactStore | None, db_path: str | Path | None = None,
 def _history(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
     out = []
     try:
-        keys = [k for k in store.list_keys(HISTORY_PREFIX) if k.endswith(".json")]
+        listed = [k for k in store.list_keys(keys.HISTORY_PREFIX) if k.endswith(".json")]
     except Exception as e:
         notes.append(f"cannot read the promotion history: {clip(str(e), 300)}")
         return out
-    for key in sorted(keys, reverse=True)[:MAX_HISTORY]:  # names start with the UTC time: newest first
+    for key in sorted(listed, reverse=True)[:MAX_HISTORY]:  # names start with the UTC time: newest first
         try:  # one bad entry hides only itself
             out.append(from_pointer(store, store.read_json(key), "history", store.uri(key)))
         except Exception as e:
@@ -216,22 +224,22 @@ def _history(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
 
 def _published(store: ArtifactStore, notes: list[str]) -> list[Candidate]:
     out = []
-    for stage in reversed(STAGES):  # sft first: the likeliest to chat well
+    for stage in keys.STAGES:
         try:
-            keys = store.list_keys(checkpoints_prefix(stage))
+            listed = store.list_keys(keys.checkpoints_prefix(stage))
         except Exception as e:
             notes.append(f"cannot list {stage} checkpoints: {e}")
             continue
-        for key in (k for k in keys if k.endswith(f"/{MANIFEST_NAME}")):  # one manifest per published checkpoint
+        for key in (k for k in listed if k.endswith(f"/{MANIFEST_NAME}")):
             prefix = key[: -len(MANIFEST_NAME) - 1]
             try:
-                parsed = parse_checkpoint_key(prefix)
-            except ValueError:
-                continue  # not at a checkpoint's place in the layout (store.keys)
+                ck = keys.parse_checkpoint_key(prefix)
+            except ValueError:  # not in the layout store/keys.py writes: nothing the pipeline published
+                continue
             out.append(Candidate(id=prefix, stage=stage, step=_manifest_step(store, key), source="store",
-                                 checkpoint_key=prefix, uri=store.uri(prefix), profile=parsed.profile,
-                                 model_tag=parsed.model_tag,
-                                 origin=_import_origin(store, prefix) if parsed.profile == "imported" else None))
+                                 checkpoint_key=prefix, uri=store.uri(prefix), profile=ck.profile,
+                                 model_tag=ck.model_tag,
+                                 origin=_import_origin(store, prefix) if ck.profile == "imported" else None))
     return out
 
 
@@ -257,37 +265,27 @@ def _manifest_step(store: ArtifactStore, manifest_key: str) -> int | None:
 # Loading
 
 
-def guess_tokenizer_key(store: ArtifactStore, candidate: Candidate, known: list[Candidate]) -> str:
-    """A published checkpoint does not name its tokenizer. Try the tokenizer of the same pipeline run, then the one
-    a promotion of the same profile used, then the profile's only tokenizer (the vocab size is checked on load)."""
-    parts = (candidate.checkpoint_key or "").split("/")
-    if len(parts) >= 4 and store.is_published(f"tokenizer/{parts[1]}/{parts[3]}"):
-        return f"tokenizer/{parts[1]}/{parts[3]}"
-    for other in known:
-        if other.tokenizer_key and other.profile == candidate.profile:
-            return other.tokenizer_key
-    published = sorted({k.rsplit("/", 1)[0] for k in store.list_keys(f"tokenizer/{candidate.profile}")
-                        if k.endswith(f"/{MANIFEST_NAME}")})
-    if len(published) == 1:
-        return published[0]
-    raise CheckpointError(f"cannot tell which tokenizer {candidate.checkpoint_key} was trained with "
-                          f"({len(published)} tokenizers published for profile {candidate.profile!r}); promote it "
-                          "through the pipeline, or download it and pass --checkpoint and --tokenizer-dir")
+def tokenizer_key_for(candidate: Candidate, meta: dict) -> str:
+    """A published checkpoint's tokenizer: its pointer's, else the one its meta records (build_model refuses any but the
+    recorded one). Published before checkpoints recorded it and never promoted: refused, nothing says which."""
+    recorded = recorded_tokenizer(meta, candidate.id)
+    if candidate.tokenizer_key or recorded:
+        return candidate.tokenizer_key or recorded["key"]
+    raise CheckpointError(f"{candidate.id} does not record its tokenizer (published before checkpoints did): "
+                          "re-publish it (materialize its stage again, or nanochat-import it), or serve it with "
+                          "--checkpoint and --tokenizer-dir")
 
 
-def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: str,
-                   known: list[Candidate] = ()) -> Loaded:
+def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: str) -> Loaded:
     """Download (into the sha-keyed cache) and build the model and tokenizer of a candidate."""
     started = time.perf_counter()
     sha256 = candidate.sha256
     if candidate.checkpoint_dir is not None:
-        checkpoint_dir, tokenizer_dir = candidate.checkpoint_dir, candidate.tokenizer_dir
+        checkpoint_dir = candidate.checkpoint_dir
     else:
         if store is None:
             raise CheckpointError(f"{candidate.id} is in an artifact store, but the app has none configured")
         checkpoint_dir = store.get_dir(candidate.checkpoint_key)
-        tokenizer_key = candidate.tokenizer_key or guess_tokenizer_key(store, candidate, list(known))
-        tokenizer_dir = store.get_dir(tokenizer_key)
         # The cached copy holds the manifest it was verified against: its sha256 is the checkpoint's identity.
         actual = hashlib.sha256((checkpoint_dir / MANIFEST_NAME).read_bytes()).hexdigest()
         if sha256 and actual != sha256:
@@ -297,8 +295,10 @@ def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: st
     step = candidate.step
     if step is None or not model_path(checkpoint_dir, step).is_file():
         step = find_last_step(checkpoint_dir)
-    tokenizer = load_tokenizer(Path(tokenizer_dir))
-    model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase="eval", tokenizer=tokenizer)
+    key = None if candidate.checkpoint_dir else tokenizer_key_for(candidate, read_meta(checkpoint_dir, step))
+    tokenizer_dir = Path(store.get_dir(key) if key else candidate.tokenizer_dir)
+    model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase="eval", tokenizer=load_tokenizer(
+        tokenizer_dir), tokenizer_source=key or str(tokenizer_dir))
     return Loaded(candidate, model, tokenizer, Engine(model, tokenizer), meta, step, sha256, str(device),
                   time.perf_counter() - started)
 
@@ -365,7 +365,7 @@ class ModelManager:
                 return current  # already served (a republished key has a new sha256 and loads again)
             log.info("loading %s", candidate.label())
             try:
-                loaded = load_candidate(self.store, candidate, self.device, self.candidates)
+                loaded = load_candidate(self.store, candidate, self.device)
             except BaseException as e:
                 if not is_failure(e):
                     raise

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import save_checkpoint, tokenizer_record, with_tokenizer
 from nanochat.common import get_shared_data_dir
 from nanochat.dataloader import SFTBatchLoader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tok_train import text_iterator
-from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
+from nanochat.tokenizer import RustBPETokenizer, fingerprint, save_token_bytes
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
 from store.keys import checkpoint_key, tokenizer_key
@@ -96,8 +96,8 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
         tok_dir = Path(tmp) / "tokenizer"
         tokenizer.save(tok_dir)
         save_token_bytes(tokenizer, tok_dir)
-        tok = store.put_dir(tok_dir, tokenizer_key(PROFILE, run_id))
-        published["tokenizer"] = tok
+        tok = published["tokenizer"] = store.put_dir(tok_dir, tokenizer_key(PROFILE, run_id))
+        record = tokenizer_record(tok.key, fingerprint(tokenizer))  # what every checkpoint's meta names
         for version in range(1, versions + 1):
             started = time.perf_counter()
             train(model, batches, steps)
@@ -105,8 +105,9 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
             step = steps * version
             ckpt_dir = Path(tmp) / f"v{version}"
             save_checkpoint(ckpt_dir, step, model.state_dict(), None,
-                            {"model_config": config.to_dict(), "step": step, "val_loss": val_loss,
-                             "note": "importer.demo: a tiny model trained for seconds on the shared chat data"})
+                            with_tokenizer({"model_config": config.to_dict(), "step": step, "val_loss": val_loss,
+                                            "note": "importer.demo: a tiny model trained for seconds on chat data"},
+                                           record))
             version_run = f"{run_id}-v{version}"
             info = store.put_dir(ckpt_dir, checkpoint_key("sft", PROFILE, model_tag, version_run))
             with eval_store.connect_rw(db_path) as conn:  # the rows the pipeline's sft_checkpoint asset writes

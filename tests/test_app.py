@@ -39,9 +39,17 @@ from app.models import ModelManager, discover, local_candidate
 from app.scores import read_scores
 from app.ui import EXAMPLES, generate, new_session, respond, undo
 from importer.demo import build_demo
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    meta_path,
+    read_meta,
+    recorded_tokenizer,
+    save_checkpoint,
+    tokenizer_record,
+)
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
+from nanochat.tokenizer import fingerprint
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
 from store.promotion import read_pointer, write_pointer
@@ -499,17 +507,19 @@ def test_switching_models_without_restart(server, demo):
         client.predict("no/such/checkpoint", api_name="/switch_model")
 
 
-def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, demo, tmp_path):
+def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, demo, tmp_path, small_tokenizer):
     store, key = demo["store"], "sft_checkpoint/demo/d1/broken-run"
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_000001.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "broken" / "meta_000001.json").write_text("{}")
+    # A meta that names the demo's tokenizer and nothing else: the tokenizer loads, the model cannot.
+    record = tokenizer_record(demo["tokenizer"].key, fingerprint(small_tokenizer))
+    (tmp_path / "broken" / "meta_000001.json").write_text(json.dumps({"tokenizer": record}))
     store.put_dir(tmp_path / "broken", key)
     try:
         client = server.client()
         client.predict(api_name="/refresh_models")
         picker, serving, status, _ = client.predict(key, api_name="/switch_model")
-        # The meta is read first ("{}": no model_config), so the broken model file is never even opened.
+        # The meta is read first (no model_config), so the broken model file is never even opened.
         assert "Could not load that model: CheckpointError:" in status and "no 'model_config'" in status
         health = server.health()
         assert health["status"] == "ok" and health["checkpoint"]["sha256"] == demo["v2"]["sha256"]
@@ -623,6 +633,63 @@ def test_checkpoint_dir_from_the_command_line(tmp_path, tokenizer_base_dir, smal
     assert loaded.candidate.source == "command line" and loaded.step == 3
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         local_candidate(tmp_path / "missing")
+
+
+def published_copy(demo, tmp_path, monkeypatch) -> LocalArtifactStore:
+    """A copy of the demo's store, for a test that rewrites what is published."""
+    monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(demo["store"].root_path, tmp_path / "artifacts")
+    return LocalArtifactStore(root=str(tmp_path / "artifacts"))
+
+
+def test_a_checkpoint_is_served_only_with_the_tokenizer_its_meta_records(demo, tmp_path, monkeypatch,
+                                                                          other_tokenizer):
+    store = published_copy(demo, tmp_path, monkeypatch)
+    v2 = store.get_dir(demo["v2"]["key"])
+    record = recorded_tokenizer(read_meta(v2, demo["v2"]["step"]), demo["v2"]["key"])
+    assert record["key"] == demo["tokenizer"].key  # published with its record (as the pipeline publishes)
+    # From disk with another tokenizer of the same vocab size: refused, naming both; with its own: served.
+    other_tokenizer.save(tmp_path / "other")
+    manager = ModelManager(None, None, "cpu", local=local_candidate(v2, tmp_path / "other"))
+    with pytest.raises(CheckpointError, match="tokenizer mismatch") as info:
+        manager.load_default()
+    assert f"trained with tokenizer {record['key']}" in str(info.value) and str(tmp_path / "other") in str(info.value)
+    assert "unavailable: CheckpointError: tokenizer mismatch" in manager.candidates[0].label()
+    local = local_candidate(v2, store.get_dir(record["key"]))
+    assert ModelManager(None, None, "cpu", local=local).load_default().step == demo["v2"]["step"]
+    # The tokenizer it records, re-published under the same key with another one's files: refused too.
+    store.put_dir(tmp_path / "other", record["key"])
+    manager = ModelManager(store, None, "cpu")
+    assert manager.load_default() is None
+    assert all("tokenizer mismatch" in c.error for c in manager.candidates), [c.error for c in manager.candidates]
+
+
+def test_a_checkpoint_published_before_tokenizer_records(demo, tmp_path, monkeypatch):
+    """No guess: served with the tokenizer its promotion names, or from disk with --tokenizer-dir; else refused."""
+    store = published_copy(demo, tmp_path, monkeypatch)
+    step, old = demo["v1"]["step"], tmp_path / "old"
+    shutil.copytree(store.get_dir(demo["v1"]["key"]), old, ignore=shutil.ignore_patterns("manifest.json"))
+    meta = read_meta(old, step)
+    del meta["tokenizer"]
+    meta_path(old, step).write_text(json.dumps(meta))
+    key = "sft_checkpoint/demo/d1/before-records"
+    info = store.put_dir(old, key)
+    manager = ModelManager(store, None, "cpu")
+    manager.refresh()
+    with pytest.raises(CheckpointError, match=f"{key} does not record its tokenizer"):
+        manager.load(key)
+    label = next(c for c in manager.candidates if c.id == key).label()
+    assert "unavailable" in label and "re-publish it" in label and "--tokenizer-dir" in label
+    pointer = read_pointer(store)
+    pointer["checkpoint"] = {**pointer["checkpoint"], "key": key, "uri": info.uri, "sha256": info.sha256,
+                             "step": step}
+    pointer.pop("promoted_at")
+    write_pointer(store, pointer)  # promoted: the pointer names its tokenizer
+    manager.refresh()
+    loaded = manager.load(key)
+    assert loaded.candidate.source == "promoted" and loaded.sha256 == info.sha256
+    tokenizer_dir = store.get_dir(demo["tokenizer"].key)
+    assert ModelManager(None, None, "cpu", local=local_candidate(old, tokenizer_dir)).load_default().step == step
 
 
 def test_command_line_options():
@@ -816,9 +883,10 @@ def panicking_tokenizer_dir(good_tokenizer, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("bad", ["pointer whose checkpoint is a string", "promoted tokenizer makes tiktoken panic"])
+@pytest.mark.parametrize("bad", ["pointer whose checkpoint is a string", "promoted tokenizer makes tiktoken panic",
+                                 "promoted with another tokenizer of the same vocab size"])
 def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_holds(demo, tmp_path, small_tokenizer,
-                                                                                   monkeypatch, bad):
+                                                                                   other_tokenizer, monkeypatch, bad):
     shutil.copytree(demo["store"].root_path, tmp_path / "artifacts")
     store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
     pointer = read_pointer(store)
@@ -827,11 +895,17 @@ def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_hol
         # served instead: v2, through its promotion history entry
         says, serves = "'checkpoint' must be an object with a string 'key'", demo["v2"]["sha256"]
     else:
-        store.put_dir(panicking_tokenizer_dir(small_tokenizer, tmp_path / "bad-tokenizer"), "tokenizer/demo/panics")
-        pointer["tokenizer"] = {"key": "tokenizer/demo/panics"}
+        if bad == "promoted tokenizer makes tiktoken panic":
+            store.put_dir(panicking_tokenizer_dir(small_tokenizer, tmp_path / "bad-tokenizer"), "tokenizer/demo/bad")
+            says = "PanicException"
+        else:  # loads fine, same 512 tokens; v2's meta records another tokenizer's fingerprint
+            other_tokenizer.save(tmp_path / "bad-tokenizer")
+            store.put_dir(tmp_path / "bad-tokenizer", "tokenizer/demo/bad")
+            says = "tokenizer mismatch"
+        pointer["tokenizer"] = {"key": "tokenizer/demo/bad"}
         pointer.pop("promoted_at")
         write_pointer(store, pointer)  # v2 with the bad tokenizer; the history's v2 entry is the same checkpoint
-        says, serves = "PanicException", demo["v1"]["sha256"]
+        serves = demo["v1"]["sha256"]
     # In process: refresh() and load_default() never raise, and the bad candidate is marked with its reason.
     monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
     manager = ModelManager(store, demo["db_path"], "cpu")
@@ -839,9 +913,12 @@ def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_hol
     loaded = manager.load_default()
     assert loaded is not None and loaded.sha256 == serves
     assert says in " ".join(manager.notes), manager.notes
-    if bad == "promoted tokenizer makes tiktoken panic":
+    if bad != "pointer whose checkpoint is a string":
         broken = next(c for c in manager.candidates if c.source == "promoted")
-        assert "unavailable" in broken.label() and "tokenizer.pkl" in broken.label() and says in broken.label()
+        assert "unavailable" in broken.label() and "tokenizer" in broken.label() and says in broken.label()
+        if says == "tokenizer mismatch":  # which one it records, and which one it was given
+            assert f"trained with tokenizer {demo['tokenizer'].key} (fingerprint " in broken.label()
+            assert "not tokenizer/demo/bad (fingerprint " in broken.label()
         manager.refresh()  # the reason stays on the candidate until it loads
         assert "unavailable" in next(c for c in manager.candidates if c.source == "promoted").label()
     # The real server: starts, /health answers 200 and names the model it serves and what it could not load.

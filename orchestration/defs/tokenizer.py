@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from nanochat import tok_eval, tok_train
+from nanochat.tokenizer import fingerprint, load_tokenizer
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
@@ -37,6 +38,7 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
         metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
                   "vocab_size": settings["vocab_size"], "max_chars": settings["tok_max_chars"],
                   "raw_shards_sha256": shards["sha256"], "compression": dg.MetadataValue.md(table),
-                  "git_sha": git_sha(), "wall_time_s": round(wall, 1)},
+                  "git_sha": git_sha(), "wall_time_s": round(wall, 1),
+                  "fingerprint": fingerprint(load_tokenizer(out_dir))},  # what the checkpoints trained on it record
         data_version=dg.DataVersion(info.sha256),
     )
