@@ -809,7 +809,10 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
         assert len(seen) >= 3 and lengths[-1] > lengths[0], f"no streaming observed: {seen}"
         bubbles = n
 
-        # Switch to v1 in the picker, then chat with it.
+        # Refresh the list (an earlier test left it read while the eval history was busy: no scores), switch to v1
+        # in the picker, then chat with it.
+        page.get_by_role("button", name="Refresh list").click()
+        page.locator("#status").get_by_text("checkpoints found").wait_for()
         page.locator("#picker input").click()
         option = page.get_by_role("option", name=f"step {demo['v1']['step']} ·").first
         assert "↩ earlier promotion · sft demo d1" in option.inner_text()
