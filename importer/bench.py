@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from app.models import discover, load_candidate
+    from app.models import load_candidate
     from importer.cli import ImportRequest, import_checkpoint
     from store.artifact_store import LocalArtifactStore
+    from store.catalog import discover
 
     with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
         root = Path(tmp)

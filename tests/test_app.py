@@ -35,7 +35,7 @@ from app.chat import (
     reply_room,
     stream_reply,
 )
-from app.models import ModelManager, discover, local_candidate
+from app.models import ModelManager
 from app.scores import read_scores
 from app.ui import EXAMPLES, generate, new_session, respond, undo
 from importer.demo import build_demo
@@ -52,6 +52,7 @@ from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import fingerprint
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
+from store.catalog import discover, local_candidate
 from store.promotion import read_pointer, write_pointer
 
 REPO = Path(__file__).resolve().parents[1]
