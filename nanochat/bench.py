@@ -27,6 +27,7 @@ import os
 import platform
 import resource
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -242,11 +243,14 @@ def bench_decode(args, tokenizer=None) -> list[dict]:
     with torch.no_grad():
         model.lm_head.weight[-len(tokenizer.get_special_tokens()):] = 0
     model.eval()
+    compute_dtype = getattr(torch, dtype)
+    plain = getattr(args, "plain", False)
+    if not plain:
+        model.prepare_for_inference(compute_dtype)  # as served: weights in the dtype, q/k/v fused
     engine = Engine(model, tokenizer)
     text = " ".join(shared_texts(args.prompt_len * 8))
     prompt = tokenizer.encode(text, prepend="<|bos|>")[: args.prompt_len]
-    autocast = autocast_for(device, dtype)
-    compute_dtype = getattr(torch, dtype)
+    autocast = autocast_for(device, dtype) if plain else nullcontext()
     bandwidth = memory_bandwidth(device)
     llc = last_level_cache_bytes()
 
@@ -272,6 +276,7 @@ def bench_decode(args, tokenizer=None) -> list[dict]:
         achieved = read / decode_s
         results.append({
             "bench": "decode", **machine_info(device), "device": device.type, "dtype": dtype, "depth": args.depth,
+            "form": "plain (autocast, fp32 weights)" if plain else "serving (weights in dtype, fused q/k/v)",
             "params": model.num_params(), "batch": batch, "prompt_tokens": len(prompt), "new_tokens": steps,
             "prefill_ms": round(prefill_s * 1000, 2), "prefill_tok_per_sec": round(len(prompt) / prefill_s, 1),
             "decode_ms_per_step": round(1000 * decode_s / max(steps - 1, 1), 3),
@@ -432,6 +437,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--plain", action="store_true", help="the model as trained, under autocast (before issue 18)")
 
 
 def add_core_args(p: argparse.ArgumentParser) -> None:

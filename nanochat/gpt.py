@@ -176,6 +176,7 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary(self.rotary_seq_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("lm_head_t", None, persistent=False)  # prepare_for_inference's decode layout
 
     def init_weights(self) -> None:
         """The original init: scaled normal Linears, N(0,1) embedding, zeroed output projections and lm_head."""
@@ -218,7 +219,8 @@ class GPT(nn.Module):
 
     def prepare_for_inference(self, dtype: torch.dtype) -> GPT:
         """Serving form, done once at load: weights cast to dtype (no autocast needed), q/k/v fused, eval mode.
-        State-dict keys and shapes are unchanged; the model is for inference only afterwards."""
+        State-dict keys and shapes are unchanged; the model is for inference only afterwards. Call it again after
+        loading other weights (the fused q/k/v follow load_state_dict, the fp32 lm_head copy does not)."""
         with torch.no_grad():
             for p in self.parameters():
                 p.requires_grad_(False)
@@ -226,6 +228,11 @@ class GPT(nn.Module):
                     p.data = p.data.to(dtype)
         for block in self.transformer.h:
             block.attn.fuse_qkv()
+        # fp32 on CPU: F.linear of one row against the (vocab, n_embd) lm_head ran at half the speed of x @ W^T
+        # stored contiguous, and of 2-8 rows at half the speed of W @ x^T (MKL, docs/performance.md). Keeping
+        # both layouts costs one more copy of lm_head (bf16 and CUDA paths were not measured: F.linear there).
+        fp32_cpu = dtype == torch.float32 and self.get_device().type == "cpu"
+        self.lm_head_t = self.lm_head.weight.detach().t().contiguous() if fp32_cpu else None
         return self.eval()
 
     def rotary_tables(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +338,13 @@ class GPT(nn.Module):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits of hidden states x (..., n_embd)."""
-        logits = self.lm_head(x)
+        rows = x.numel() // x.size(-1)
+        if self.lm_head_t is not None and rows <= 8:  # decode in the serving form: see prepare_for_inference
+            x2 = x.reshape(rows, x.size(-1))
+            logits = x2 @ self.lm_head_t if rows == 1 else (self.lm_head.weight @ x2.t()).t()
+            logits = logits.reshape(*x.shape[:-1], logits.size(-1))
+        else:
+            logits = self.lm_head(x)
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     @torch.inference_mode()

@@ -111,9 +111,12 @@ def test_serving_form_keeps_the_state_dict_and_the_logits():
         assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
         assert "qkv_weight" not in "".join(after)
         torch.testing.assert_close(model(idx), before, atol=2e-6, rtol=0)
+        for rows in (idx[:1, :1], idx[:, :1]):  # one and two decode rows take the lm_head layouts of decode
+            torch.testing.assert_close(model(rows), before[: rows.size(0), :1], atol=2e-6, rtol=0)
         other = make_model(config).eval()
-        model.load_state_dict(other.state_dict())
-        torch.testing.assert_close(model(idx), other(idx), atol=2e-6, rtol=0)
+        model.load_state_dict(other.state_dict())  # writes through to the fused q/k/v
+        model.prepare_for_inference(torch.float32)  # and, as documented, refreshes the lm_head layout
+        torch.testing.assert_close(model(idx[:, :1]), other(idx[:, :1]), atol=2e-6, rtol=0)
         model.load_state_dict(state)
         bf16 = model.prepare_for_inference(torch.bfloat16)(idx).float()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
