@@ -20,8 +20,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanochat.common import autocast_for
-
 MAX_INPUT_CHARS = 8000
 
 # C0 and C1 control characters except tab and newline (carriage returns are normalized first), and lone UTF-16
@@ -256,12 +254,11 @@ def stream_reply(
     token (each forward pass gets all of torch's threads) instead of thrashing the CPU together.
     """
     reply = Reply(engine.tokenizer)
-    device = engine.model.get_device()
     steps = engine.generate(prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_k=top_k or None,
                             seed=seed)
     try:
         while not reply.done:
-            with step_lock or nullcontext(), autocast_for(device):
+            with step_lock or nullcontext():  # no autocast: the weights are in the serving dtype
                 column = next(steps, None)
             if column is None:
                 break  # max_tokens (or the model's position limit) reached

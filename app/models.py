@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nanochat.checkpoint_manager import (
     CheckpointError,
     build_model,
@@ -23,7 +21,7 @@ from nanochat.checkpoint_manager import (
     read_meta,
     recorded_tokenizer,
 )
-from nanochat.common import default_dtype
+from nanochat.common import serving_dtype
 from nanochat.engine import Engine
 from nanochat.safe_io import clip, is_panic
 from nanochat.tokenizer import load_tokenizer
@@ -70,7 +68,7 @@ def tokenizer_key_for(candidate: Candidate, meta: dict) -> str:
                           "--checkpoint and --tokenizer-dir")
 
 
-def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: str) -> Loaded:
+def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: str, dtype: str = "auto") -> Loaded:
     """Download (into the sha-keyed cache) and build the model and tokenizer of a candidate."""
     started = time.perf_counter()
     sha256 = candidate.sha256
@@ -93,6 +91,7 @@ def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: st
     tokenizer_dir = Path(store.get_dir(key) if key else candidate.tokenizer_dir)
     model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase="eval", tokenizer=load_tokenizer(
         tokenizer_dir), tokenizer_source=key or str(tokenizer_dir))
+    model.prepare_for_inference(serving_dtype(device, dtype))  # weights in the serving dtype, q/k/v fused
     return Loaded(candidate, model, tokenizer, Engine(model, tokenizer), meta, step, sha256, str(device),
                   time.perf_counter() - started)
 
@@ -110,8 +109,9 @@ class ModelManager:
     """
 
     def __init__(self, store: ArtifactStore | None, db_path: str | Path | None, device: str,
-                 local: Candidate | None = None, auto_reload: bool = False):
+                 local: Candidate | None = None, auto_reload: bool = False, dtype: str = "auto"):
         self.store, self.db_path, self.device, self.local = store, db_path, device, local
+        self.dtype = dtype
         self.auto_reload = auto_reload
         self.step_lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -159,7 +159,7 @@ class ModelManager:
                 return current  # already served (a republished key has a new sha256 and loads again)
             log.info("loading %s", candidate.label())
             try:
-                loaded = load_candidate(self.store, candidate, self.device)
+                loaded = load_candidate(self.store, candidate, self.device, self.dtype)
             except BaseException as e:
                 if not is_failure(e):
                     raise
@@ -269,8 +269,7 @@ def describe(loaded: Loaded | None) -> str:
     config = loaded.model.config
     n = loaded.model.num_params()
     size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
-    # The dtype replies are computed in: the app's autocast (app.chat) follows nanochat.common.default_dtype.
-    dtype = default_dtype(torch.device(loaded.device))
+    dtype = str(loaded.model.lm_head.weight.dtype).removeprefix("torch.")  # the serving dtype replies run in
     return (f"{loaded.candidate.label()} · {config.n_layer} layers, {size} params, context {config.sequence_len}, "
             f"{dtype}")
 

@@ -693,6 +693,30 @@ def test_a_checkpoint_published_before_tokenizer_records(demo, tmp_path, monkeyp
     assert ModelManager(None, None, "cpu", local=local_candidate(old, tokenizer_dir)).load_default().step == step
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_flag_sets_the_served_weights(tmp_path, tokenizer_base_dir, small_tokenizer, dtype):
+    from app.__main__ import parse_args
+    from app.models import describe
+    from nanochat.gpt import GPT
+
+    assert parse_args([]).dtype == "auto" and parse_args(["--dtype", dtype]).dtype == dtype
+    with pytest.raises(SystemExit):
+        parse_args(["--dtype", "float16"])
+    shutil.copytree(tokenizer_base_dir / "tokenizer", tmp_path / "tokenizer")
+    config = GPTConfig(sequence_len=64, vocab_size=small_tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+                       n_kv_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "chatsft_checkpoints" / "d1", 1, GPT(config).state_dict(), None,
+                    {"model_config": config.to_dict()})
+    manager = ModelManager(None, None, "cpu", local=local_candidate(tmp_path / "chatsft_checkpoints" / "d1"),
+                           dtype=dtype)
+    loaded = manager.load_default()
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+    assert describe(loaded).endswith(dtype)
+    reply = list(stream_reply(loaded.engine, [small_tokenizer.get_bos_token_id()], max_tokens=4, temperature=0.0,
+                              top_k=None, seed=0))[-1]
+    assert reply.num_tokens >= 1
+
+
 def test_command_line_options():
     from app.__main__ import parse_args
 
