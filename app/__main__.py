@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from app.models import ModelManager
-    from store.catalog import local_candidate
     from app.ui import CSS, MAX_UPLOAD_BYTES, build_ui
     from nanochat.common import autodetect_device_type
     from store.artifact_store import artifact_store_from_url
+    from store.catalog import local_candidate
 
     torch.set_num_threads(args.threads)
     device = args.device or autodetect_device_type()
