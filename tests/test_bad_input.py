@@ -573,11 +573,23 @@ def hostile_tokenizer(how: str, d: Path, enc, monkeypatch) -> tuple[str, str]:
     if how == "a 200-byte pickle whose repr is 2**60 items":
         dag = "x"
         for _ in range(60):
-            dag = [dag, dag]
+            dag = (dag, dag)  # tuples: opcodes a pickled Encoding may use, so the state check quotes it
         data = encoding_pickle(dag, monkeypatch, enc)
         assert len(data) < 1000
         (d / "tokenizer.pkl").write_bytes(data)
         return "tokenizer.pkl", "self-contained"
+    # Opcodes that make the C unpickler allocate what the stream declares, before any check could run.
+    bombs = {
+        "11 bytes whose memo index makes the unpickler zero 16 GiB": b"\x80\x04Nr" + (0x3FFFFFFF).to_bytes(4, "little"),
+        "11 bytes whose memo index zeroes 2 GiB (inside the test's limit)": b"\x80\x04Nr"
+        + (0x0FFFFFFF).to_bytes(4, "little"),
+        "BINBYTES8 declaring 1 TiB": b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x" * 16,
+        "a million MARKs (8 bytes each in the unpickler)": b"\x80\x04" + b"(" * 1_000_000,
+        "a million empty lists (~80 bytes each)": b"\x80\x04" + b"]" * 1_000_000,
+    }
+    if how in bombs:
+        (d / "tokenizer.pkl").write_bytes(bombs[how] + b".")
+        return "tokenizer.pkl", "not a pickled tiktoken Encoding"
     if how == "tokenizer.pkl is a FIFO":
         os.mkfifo(d / "tokenizer.pkl")
         return "tokenizer.pkl", "is a FIFO"
@@ -615,6 +627,9 @@ HOSTILE_TOKENIZERS = [
     "tokenizer.json nested 100,000 deep", "tokenizer.json of the wrong shape", "a pattern that makes tiktoken panic",
     "an invalid pattern", "a byte with no token (tiktoken panics on it)", "special ids colliding with merges",
     "no <|output_end|> (the chat format needs it)", "a huge pattern", "rank ids that are not integers",
+    "11 bytes whose memo index makes the unpickler zero 16 GiB",
+    "11 bytes whose memo index zeroes 2 GiB (inside the test's limit)", "BINBYTES8 declaring 1 TiB",
+    "a million MARKs (8 bytes each in the unpickler)", "a million empty lists (~80 bytes each)",
 ]
 
 
@@ -627,6 +642,7 @@ def test_hostile_tokenizer_is_refused_in_bounded_time_and_memory(tmp_path, small
     assert out["result"].split(":")[0] in ("CorruptTokenizerFile", "TokenizerFileError"), out
     assert str(d / name) in out["result"] and says in out["result"], out
     assert len(out["result"]) < 1500 and out["peak_mib"] < 1500, out
+    assert "MemoryError" not in out["result"], "refused by what it asked for, not by running out of memory"
 
 
 def test_token_bytes_that_are_not_a_vector_of_ints_are_refused(tmp_path):
