@@ -148,6 +148,7 @@ _OPS: dict[int, tuple[object, int, str]] = {
     0x62: (0, -1, ""),  # BUILD
     0x81: (0, -1, "item"),  # NEWOBJ
     0x93: (0, -1, ""),  # STACK_GLOBAL (find_class admits one class)
+    0x52: (0, -1, "item"),  # REDUCE: allocates nothing itself; find_class has refused any other callable
     0x63: ("line2", 1, ""),  # GLOBAL
     0x8C: ("u1", 1, "item"),  # SHORT_BINUNICODE
     0x58: ("u4", 1, "item"),  # BINUNICODE
