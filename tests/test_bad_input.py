@@ -407,6 +407,17 @@ def write_step(directory: Path, state, meta: dict | str | bytes | None = None, c
     return directory
 
 
+def pickle_bomb(path: Path, opcodes: bytes) -> None:
+    """Replace the pickle record of a torch.save zip by `opcodes` (stored, as torch writes it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        records = [(info.filename, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in records:
+            z.writestr(name, b"\x80\x02" + opcodes + b"." if name.endswith("data.pkl") else data)
+
+
 def deflated(path: Path) -> None:
     """Rewrite a torch.save zip with every record deflate-compressed (torch itself never compresses)."""
     import zipfile
@@ -438,6 +449,10 @@ def hostile_model(how: str, d: Path) -> tuple[str, str]:
         write_step(d, None)
         torch.save(good_state(), d / "model_000001.pt", _use_new_zipfile_serialization=False)
         return "model_000001.pt", "not a PyTorch checkpoint"
+    if how == "a 3 MiB pickle of EMPTY_LIST opcodes (torch's unpickler: ~2 s a MiB)":
+        write_step(d, good_state())
+        pickle_bomb(d / "model_000001.pt", b"]" * (3 << 20))
+        return "model_000001.pt", "limit for a checkpoint's pickle"
     if how == "int8 weights":
         write_step(d, {k: v.to(torch.int8) for k, v in good_state().items()})
         return "model_000001.pt", "torch.int8"
@@ -494,7 +509,8 @@ def hostile_model(how: str, d: Path) -> tuple[str, str]:
 
 HOSTILE_MODELS = [
     "zero-stride bf16 tensor (6.4 GB as fp32)", "tensors sharing one storage", "deflate-compressed records",
-    "legacy (non-zip) format", "int8 weights", "a list, not a state dict", "model file is a FIFO",
+    "legacy (non-zip) format", "a 3 MiB pickle of EMPTY_LIST opcodes (torch's unpickler: ~2 s a MiB)",
+    "int8 weights", "a list, not a state dict", "model file is a FIFO",
     "model file is a symlink to /dev/zero", "meta is a symlink to /dev/zero", "meta is a FIFO", "n_layer=1e6",
     "n_embd=1e9", "vocab_size=1e12", "sequence_len=5e7", "sequence_len=true", "n_head as a string",
     "n_head=0 (a division by zero)", "n_embd not divisible by n_head", "every field in range, 3 TB in all",
