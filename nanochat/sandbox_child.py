@@ -423,7 +423,11 @@ _DISABLED_FUNCTIONS = {
         "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid", "setsid",
         "setpgid", "setpgrp", "_exit", "abort", "setpriority", "sched_setscheduler", "sched_setparam",
         "sched_setaffinity", "unshare", "setns", "memfd_create", "eventfd", "login_tty",
+        "nice",  # as root (CAP_SYS_NICE): a negative niceness starves the host's processes for the whole run
     ),
+    # As root (CAP_SYS_TIME) these set the host's clock, with no audit event; where the kernel layers run, no
+    # capabilities are left, but the Python layer must hold on its own (non-Linux, or no capset).
+    "time": ("clock_settime", "clock_settime_ns"),
     "subprocess": ("Popen", "_fork_exec"),  # subprocess keeps its own reference to fork_exec
     "_posixsubprocess": ("fork_exec",),
     # Threads and signal handlers would run program code at any moment, e.g. in the middle of a check.
@@ -866,8 +870,9 @@ def _reliability_guard(subprocess) -> None:
     import io
     import posix
     import threading
+    import time
 
-    modules = {"os": os, "subprocess": subprocess, "_thread": _thread, "threading": threading,
+    modules = {"os": os, "subprocess": subprocess, "time": time, "_thread": _thread, "threading": threading,
                "_signal": _signal, "signal": signal, "_imp": _imp, "io": io, "builtins": builtins,
                "_posixsubprocess": sys.modules.get("_posixsubprocess")}  # fmt: skip
     for module_name, names in _STR_PATH_FUNCTIONS.items():

@@ -557,6 +557,13 @@ ATTEMPTS = [
         while True:
             os.write(w, b'x' * 2 ** 20)
         """, "blocked", "pipe buffers"),
+    # Root's powers that have no audit event (the Python layer alone keeps every capability of a root parent).
+    # Were they let through, the clock moves by microseconds (set to what it reads) and the niceness is this run's.
+    attempt("set_host_clock", "import time; time.clock_settime(time.CLOCK_REALTIME, time.time())", "blocked",
+            "clock_settime"),
+    attempt("set_host_clock_ns", "import time; time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns())",
+            "blocked", "clock_settime_ns"),
+    attempt("negative_niceness", "import os; os.nice(-5)", "blocked", "os.nice"),
     # At the recursion limit the hook itself cannot run: the action must still never happen (fail closed).
     attempt("hook_at_every_recursion_depth", """
         import sys
