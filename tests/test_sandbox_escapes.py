@@ -564,6 +564,13 @@ ATTEMPTS = [
     attempt("set_host_clock_ns", "import time; time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns())",
             "blocked", "clock_settime_ns"),
     attempt("negative_niceness", "import os; os.nice(-5)", "blocked", "os.nice"),
+    # _socket.socketpair() makes a connected unix pair with no audit event (seccomp kills it where it runs);
+    # every operation that names an address is an audited socket.* event, so the pair reaches nothing.
+    attempt("raw_socketpair_then_sendto", """
+        import _socket
+        a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        a.sendto(b'x', UNIX_SOCKET)
+        """, "blocked"),
     # At the recursion limit the hook itself cannot run: the action must still never happen (fail closed).
     attempt("hook_at_every_recursion_depth", """
         import sys
