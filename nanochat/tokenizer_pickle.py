@@ -177,7 +177,8 @@ def check_pickle_opcodes(data: bytes, path: Path) -> None:
     stack, marks, memo, estimate = 0, [], 0, 0
 
     def refuse(why: str) -> CorruptTokenizerFile:
-        return CorruptTokenizerFile(f"{path} is not a pickled tiktoken Encoding: {why} at byte {pos}; {HOW_TO_CREATE}")
+        return CorruptTokenizerFile(f"{path} is truncated or corrupt, or not a pickled tiktoken Encoding: {why} at "
+                                    f"byte {pos}; {HOW_TO_CREATE}")
 
     while pos < n:
         code = data[pos]
