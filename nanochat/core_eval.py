@@ -9,7 +9,8 @@ The eval bundle (nanochat's `eval_bundle.zip`) holds:
     eval_meta_data.csv  "Eval Task" (= label) -> "Random baseline" (in percent)
     eval_data/...jsonl  one example per line
 
-Three kinds of task, all scored with one forward pass per example (every prompt starts with BOS):
+Three kinds of task (every prompt starts with BOS); how the forward passes are batched across examples, and
+which shared prefixes run once, is nanochat/core_batch.py:
 - multiple_choice {query, choices, gold}: one prompt per choice; the continuation is what follows the prompts'
   common token prefix; the choice whose continuation has the lowest mean cross-entropy is the answer.
 - schema {context_options, continuation, gold}: one prompt per context; the continuation is the common token
