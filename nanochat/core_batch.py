@@ -5,15 +5,17 @@ The original nanochat runs one forward pass per example (its choices as the rows
 Here, for a chunk of examples at a time:
 - rows are tokenized in one call, cropped once, sorted by length and packed into forward passes of up to
   `batch_tokens` tokens (rows of many examples together, right-padded once per pass);
-- a multiple-choice (or schema) example whose options share a long token prefix (the few-shot block and the
-  query) runs that prefix once, batch 1, and then only each option's remainder, attending to the prefix's
-  keys/values; it does so only when the tokens saved outweigh the extra forward pass (`shares_prefix`);
+- a multiple-choice (or schema) example whose options share a token prefix (the few-shot block and the query)
+  runs that prefix once and then only each option's remainder, attending to the prefix's keys/values
+  (`shares_prefix`); examples with prefixes of (nearly) one length do so together, one pass for their
+  prefixes and one for all their options' remainders (`prefix_groups`);
 - only the positions that predict a continuation token go through lm_head.
 
 Right padding never changes a real token's result: attention is causal, so padding (after every real token)
-is seen by no real position. Rows without a shared prefix therefore get bit-identical losses to the original's
-per-example pass in fp32 (tests/test_core_eval.py checks it); rows scored after a shared prefix agree to
-float rounding (a different summation order in attention), and give the same answers.
+is seen by no real position, and a shared prefix's keys/values are the ones each row would compute. The losses
+equal the original's per-example pass in fp32 up to float rounding (a row's sums can depend on the shapes it
+is computed in, as on the thread count) and give the same answers (tests/test_core_eval.py); on the 2-core
+EPYC they come out bit-identical (`bench core --baseline` reports `identical`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# One forward pass costs about as much as this many extra tokens (dispatching a few hundred small ops of a
-# small model on CPU); a shared prefix must save more than the extra pass it needs.
-FORWARD_OVERHEAD_TOKENS = 64
+# A shared prefix must save at least this many tokens: examples sharing prefixes are grouped (below), so the
+# extra pass they need is paid once per group, not per example.
+MIN_SAVED_TOKENS = 8
 BATCH_TOKENS = 8192  # rows x padded width of one flat forward pass
 CHUNK_EXAMPLES = 256  # examples prepared (tokenized) at a time: bounds memory on a full task of 10,000
 
@@ -50,19 +52,21 @@ def common_prefix(rows: list[list[int]]) -> int:
 
 def shares_prefix(rows: list[list[int]], spans: list[tuple[int, int]]) -> int:
     """How many leading tokens the rows run once: their common prefix, up to (not including) the first position
-    whose hidden state is scored; 0 when that saves less than the extra forward pass costs."""
+    whose hidden state is scored; 0 when that saves fewer than MIN_SAVED_TOKENS."""
     if len(rows) < 2:
         return 0
     shared = min(common_prefix(rows), min(start for start, _ in spans) - 1)
-    return shared if shared * (len(rows) - 1) > 2 * FORWARD_OVERHEAD_TOKENS else 0
+    return shared if shared * (len(rows) - 1) >= MIN_SAVED_TOKENS else 0
 
 
 class PrefixCache:
-    """The keys and values of one shared prefix (computed with batch 1), put in front of every row of the pass
-    that follows. Implements what GPT's attention calls on a kv cache: get_pos() and insert_kv()."""
+    """The keys and values of a group of shared prefixes (one row per example, all of one length), put in front
+    of each row of the pass that follows: row i continues prefix row_map[i]. Implements what GPT's attention
+    calls on a kv cache: get_pos() and insert_kv()."""
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, row_map: torch.Tensor):
         self.prefix: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.row_map = row_map
         self.pos = 0
 
     def get_pos(self) -> int:
@@ -76,9 +80,30 @@ class PrefixCache:
                 self.pos = k.size(2)
             return k, v
         pk, pv = stored
-        batch = k.size(0)
-        return (torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2),
-                torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2))
+        return (torch.cat([pk.index_select(0, self.row_map), k], dim=2),
+                torch.cat([pv.index_select(0, self.row_map), v], dim=2))
+
+
+def prefix_groups(examples: list[Prepared], batch_tokens: int) -> list[tuple[int, list[int]]]:
+    """(prefix length, example indices) groups: examples sorted by their shared length, each group running the
+    shortest one's length (a member with a longer common prefix runs its extra tokens in every row, so a group
+    only takes members within 1/16 of its length) and at most batch_tokens in its two passes together."""
+    order = sorted((i for i, ex in enumerate(examples) if ex.shared), key=lambda i: examples[i].shared)
+    groups: list[tuple[int, list[int]]] = []
+    tokens = 0
+    for i in order:
+        ex = examples[i]
+        if groups:
+            shared, members = groups[-1]
+            # Its prefix, then its rows' remainders: what this example adds to the group's two passes.
+            added = shared + sum(len(r) - shared for r in ex.rows)
+            if ex.shared - shared <= max(1, shared // 16) and tokens + added <= batch_tokens:
+                members.append(i)
+                tokens += added
+                continue
+        groups.append((ex.shared, [i]))
+        tokens = ex.shared + sum(len(r) - ex.shared for r in ex.rows)
+    return groups
 
 
 def score_pass(model, rows: list[list[int]], spans: list[tuple[int, int]], task_type: str, pad_id: int,
@@ -130,13 +155,16 @@ def score_examples(model, examples: list[Prepared], task_type: str, pad_id: int,
                             [examples[e].spans[r] for e, r in members], task_type, pad_id, device)
         for (e, r), score in zip(members, scores):
             results[e][r] = score
-    for e, ex in enumerate(examples):
-        if ex.shared:
-            cache = PrefixCache(model.config.n_layer)
-            model.hidden_states(torch.tensor([ex.rows[0][: ex.shared]], dtype=torch.long, device=device), cache)
-            results[e] = score_pass(model, [r[ex.shared:] for r in ex.rows],
-                                    [(s - ex.shared, end - ex.shared) for s, end in ex.spans],
-                                    task_type, pad_id, device, cache)
+    for shared, members in prefix_groups(examples, batch_tokens):
+        prefixes = torch.tensor([examples[e].rows[0][:shared] for e in members], dtype=torch.long, device=device)
+        row_map = torch.tensor([j for j, e in enumerate(members) for _ in examples[e].rows], device=device)
+        cache = PrefixCache(model.config.n_layer, row_map)
+        model.hidden_states(prefixes, cache)
+        scores = score_pass(model, [r[shared:] for e in members for r in examples[e].rows],
+                            [(s - shared, end - shared) for e in members for s, end in examples[e].spans],
+                            task_type, pad_id, device, cache)
+        for e in members:
+            results[e], scores = scores[: len(examples[e].rows)], scores[len(examples[e].rows):]
     return results
 
 
