@@ -421,13 +421,19 @@ def test_base_eval_reports_its_result_through_dagster_pipes(tmp_path, eval_env, 
 def test_bench_core_prints_examples_per_second(eval_env, bundle, capsys):
     (result,) = bench.main(["core", f"--checkpoint-dir={eval_env / 'base_checkpoints' / 'd1'}",
                             "--max-per-task=2", "--tasks=copa,winograd,lambada_openai", "--device-type=cpu",
-                            f"--bundle-dir={bundle}"])
+                            f"--bundle-dir={bundle}", "--baseline"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(json.dumps(result))
     assert printed["bench"] == "core" and printed["device"] == "cpu" and printed["threads"] >= 1
     assert printed["core_label"] == "CORE[3/22]" and printed["examples"] == 6 and printed["examples_per_sec"] > 0
     assert {k: v["examples"] for k, v in printed["by_task_type"].items()} == \
         {"multiple_choice": 2, "schema": 2, "language_modeling": 2}
+    assert printed["dtype"] == "float32"  # evals' CPU default (common.eval_dtype), not training's
+    # --baseline: the original's per-example loop on the same examples, its speed next to ours, the same scores
+    vs = printed["vs_original"]
+    assert {k: v["examples"] for k, v in vs.items()} == {"multiple_choice": 2, "schema": 2, "language_modeling": 2}
+    assert all(v["ours_examples_per_sec"] > 0 and v["original_examples_per_sec"] > 0 and v["ratio"] > 0
+               and isinstance(v["identical"], bool) for v in vs.values())
 
 
 @pytest.mark.slow
