@@ -28,6 +28,8 @@ import torch.nn.functional as F
 # A shared prefix must save at least this many tokens: examples sharing prefixes are grouped (below), so the
 # extra pass they need is paid once per group, not per example.
 MIN_SAVED_TOKENS = 8
+# A group runs its shortest member's prefix length; it takes members whose prefix is within 1/GROUP_SLACK of it.
+GROUP_SLACK = 16
 BATCH_TOKENS = 8192  # rows x padded width of one flat forward pass
 CHUNK_EXAMPLES = 256  # examples prepared (tokenized) at a time: bounds memory on a full task of 10,000
 
@@ -97,7 +99,7 @@ def prefix_groups(examples: list[Prepared], batch_tokens: int) -> list[tuple[int
             shared, members = groups[-1]
             # Its prefix, then its rows' remainders: what this example adds to the group's two passes.
             added = shared + sum(len(r) - shared for r in ex.rows)
-            if ex.shared - shared <= max(1, shared // 16) and tokens + added <= batch_tokens:
+            if ex.shared - shared <= max(1, shared // GROUP_SLACK) and tokens + added <= batch_tokens:
                 members.append(i)
                 tokens += added
                 continue
