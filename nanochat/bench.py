@@ -7,6 +7,7 @@ Benchmarks that print one JSON line per figure, each next to a limit of the mach
     python -m nanochat.bench train --depth=20 --compile        # on a GPU
     python -m nanochat.bench decode --depth=8 --batch-sizes=1,8
     python -m nanochat.bench core --checkpoint-dir=$NANOCHAT_BASE_DIR/base_checkpoints/d20
+    python -m nanochat.bench core --baseline --max-per-task=10   # against the original's evaluation loop
     python -m nanochat.bench tokenizer | dataloader
 
 The limits:
@@ -218,45 +219,6 @@ def bench_decode(args, tokenizer=None) -> list[dict]:
     return run(args, tokenizer)
 
 
-def bench_core(args, tokenizer=None) -> dict:
-    """CORE (nanochat.core_eval) on a checkpoint or a random model: examples/s per task type and overall."""
-    from nanochat.checkpoint_manager import build_model, find_last_step
-    from nanochat.core_eval import evaluate_core
-    from nanochat.tokenizer import RustBPETokenizer
-
-    device, dtype = device_and_dtype(args)
-    if args.checkpoint_dir:
-        step = args.step if args.step is not None else find_last_step(args.checkpoint_dir)
-        tokenizer = RustBPETokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else None
-        model, tokenizer, _ = build_model(args.checkpoint_dir, step, device, "eval", tokenizer=tokenizer)
-        model_name = f"{args.checkpoint_dir} step {step}"
-    else:
-        tokenizer = tokenizer or load_or_train_tokenizer(args.tokenizer_dir, args.vocab_size)
-        model = random_model(args, tokenizer.get_vocab_size(), device, args.seq_len)
-        torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero lm_head would make every choice tie
-        model_name = f"random d{args.depth}"
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
-    core = evaluate_core(model, tokenizer, device, args.bundle_dir, args.max_per_task, tasks,
-                         autocast_for(device, dtype))
-
-    by_type: dict[str, dict] = {}
-    for t in core["tasks"].values():
-        entry = by_type.setdefault(t["task_type"], {"tasks": 0, "examples": 0, "seconds": 0.0})
-        entry["tasks"] += 1
-        entry["examples"] += t["examples"]
-        entry["seconds"] += t["seconds"]
-    for entry in by_type.values():
-        entry["examples_per_sec"] = round(entry["examples"] / entry["seconds"], 2) if entry["seconds"] else 0.0
-        entry["seconds"] = round(entry["seconds"], 3)
-    return {
-        "bench": "core", **machine_info(device), "device": device.type, "dtype": dtype, "model": model_name,
-        "params": model.num_params(), "seq_len": model.config.sequence_len, "vocab_size": model.config.vocab_size,
-        "max_per_task": args.max_per_task, "core_label": core["core_label"], "core": core["core"],
-        "examples": core["examples"], "seconds": round(sum(by_type[k]["seconds"] for k in by_type), 3),
-        "examples_per_sec": round(core["examples_per_sec"], 2), "by_task_type": by_type,
-    }
-
-
 def bench_tokenizer(args):
     """BPE training chars/s (rustbpe) and encode MB/s (tiktoken, batched over threads) on shared text.
     Returns the JSON line and the trained tokenizer, which the other figures reuse."""
@@ -321,6 +283,7 @@ def bench_dataloader(args, tokenizer=None, train_tok_per_sec: float | None = Non
 
 def bench_all(args) -> list[dict]:
     """Every figure, sharing one tokenizer."""
+    from nanochat.bench_core import bench_core  # it imports this module
     tok_line, tokenizer = bench_tokenizer(args)
     lines = [tok_line]
     train = bench_train(args)
@@ -376,6 +339,8 @@ def add_core_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-task", type=int, default=50, help="examples per task (-1: all)")
     p.add_argument("--tasks", default="", help="comma-separated CORE labels (default: all)")
     p.add_argument("--bundle-dir", default=None)
+    p.add_argument("--baseline", action="store_true", help="also time the original nanochat's per-example loop "
+                   "on the same model and examples, task by task (nanochat/bench_core.py)")
 
 
 def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
@@ -434,6 +399,8 @@ def main(argv=None) -> list[dict]:
     elif args.what == "decode":
         results = bench_decode(args)
     elif args.what == "core":
+        from nanochat.bench_core import bench_core  # it imports this module
+
         results = [bench_core(args)]
     elif args.what == "tokenizer":
         results = [bench_tokenizer(args)[0]]

@@ -367,7 +367,9 @@ def evaluate(args, rank, world_size, device, reporter) -> dict:
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
     print0(f"evaluating {args.source} {tag} step {step} on {', '.join(tasks)} ({world_size} rank(s), {device})")
 
-    with autocast_for(device, args.dtype or eval_dtype(device)):
+    # fp32 on CPU unless asked (common.eval_dtype); the dtype goes with the score, as CORE's does.
+    dtype = args.dtype or eval_dtype(device)
+    with autocast_for(device, dtype):
         result = run_chat_eval(model, tokenizer, device, tasks, max_per_task=args.max_per_task,
                                batch_size=args.batch_size, num_samples=args.num_samples,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -385,11 +387,13 @@ def evaluate(args, rank, world_size, device, reporter) -> dict:
         "chat_tasks": result["tasks"],
         "chat_missing": result["missing"],
         "examples_per_sec": result["examples_per_sec"],
+        "dtype": dtype,
         "samples": result["samples"],
         "eval_time_s": round(time.time() - t0, 3),
     }
     if rank == 0:
         print0(format_table(result))
+        print0(f"dtype: {dtype}")
         if args.output:
             atomic_write(args.output, lambda f: f.write(json.dumps(summary, indent=2).encode("utf-8")))
             print0(f"wrote {args.output}")

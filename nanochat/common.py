@@ -247,7 +247,8 @@ def default_dtype(device: torch.device) -> str:
 def eval_dtype(device: torch.device) -> str:
     """The dtype evaluations run in when none is asked for: bf16 on CUDA, fp32 on every CPU. On an AVX-512 BF16
     EPYC, CORE under bf16 autocast ran ~4x slower than fp32 and changed 5 of 882 answers, so an eval score is
-    fp32 on CPU unless --dtype says otherwise (the dtype is reported with the score)."""
+    fp32 on CPU unless --dtype says otherwise (the dtype is reported with the score). chat_eval likewise: on the
+    AVX2 EPYC, bf16 ran it ~3x slower (1.3 vs 3.9 examples/s, ARC-Easy + GSM8K, random d2; docs/performance.md)."""
     return "bfloat16" if device.type == "cuda" else "float32"
 
 

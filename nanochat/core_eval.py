@@ -9,7 +9,8 @@ The eval bundle (nanochat's `eval_bundle.zip`) holds:
     eval_meta_data.csv  "Eval Task" (= label) -> "Random baseline" (in percent)
     eval_data/...jsonl  one example per line
 
-Three kinds of task, all scored with one forward pass per example (every prompt starts with BOS):
+Three kinds of task (every prompt starts with BOS); how the forward passes are batched across examples, and
+which shared prefixes run once, is nanochat/core_batch.py:
 - multiple_choice {query, choices, gold}: one prompt per choice; the continuation is what follows the prompts'
   common token prefix; the choice whose continuation has the lowest mean cross-entropy is the answer.
 - schema {context_options, continuation, gold}: one prompt per context; the continuation is the common token
@@ -38,10 +39,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from nanochat.common import autocast_for, eval_dtype, get_base_dir, get_shared_data_dir
+from nanochat.core_batch import (
+    BATCH_TOKENS,
+    CHUNK_EXAMPLES,
+    Prepared,
+    common_prefix,
+    outcome,
+    score_examples,
+    shares_prefix,
+)
 
 logger = logging.getLogger("nanochat")
 
@@ -286,16 +295,8 @@ def render_prompts(item: dict, task_type: str, delimiter: str = " ", fewshot: Se
     raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
 
 
-def _common_prefix(rows: list[list[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return n
-
-
 def _common_suffix(rows: list[list[int]]) -> int:
-    return _common_prefix([r[::-1] for r in rows])
+    return common_prefix([r[::-1] for r in rows])
 
 
 def continuation_spans(token_rows: list[list[int]], task_type: str) -> tuple[list[list[int]], list[tuple[int, int]]]:
@@ -306,13 +307,13 @@ def continuation_spans(token_rows: list[list[int]], task_type: str) -> tuple[lis
     """
     shortest = min(len(r) for r in token_rows)
     if task_type == "multiple_choice":
-        start = min(_common_prefix(token_rows), shortest - 1)
+        start = min(common_prefix(token_rows), shortest - 1)
         return token_rows, [(start, len(r)) for r in token_rows]
     if task_type == "schema":
         length = max(1, min(_common_suffix(token_rows), shortest - 1))
         return token_rows, [(len(r) - length, len(r)) for r in token_rows]
     without, with_continuation = token_rows
-    start = min(_common_prefix([without, with_continuation]), len(with_continuation) - 1)
+    start = min(common_prefix([without, with_continuation]), len(with_continuation) - 1)
     return [with_continuation], [(start, len(with_continuation))]
 
 
@@ -328,43 +329,33 @@ def crop_left(rows: list[list[int]], spans: list[tuple[int, int]], max_len: int)
 
 
 def example_batch(tokenizer, item: dict, task_type: str, delimiter: str, fewshot: list[dict], max_len: int):
-    """(rows, spans) of one example, tokenized in one batch call and cropped to the model's max_len."""
-    prompts = render_prompts(item, task_type, delimiter, fewshot)
-    token_rows = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id(), num_threads=1)
-    rows, spans = continuation_spans(token_rows, task_type)
-    return crop_left(rows, spans, max_len)
+    """(rows, spans) of one example, cropped to the model's max_len."""
+    (prepared,) = prepare_examples(tokenizer, [item], [fewshot], task_type, delimiter, max_len)
+    return prepared.rows, prepared.spans
 
 
-@torch.inference_mode()
-def score_rows(model, rows: list[list[int]], spans: list[tuple[int, int]], task_type: str, pad_id: int,
-               device: torch.device | str) -> int | bool:
-    """One forward pass over the right-padded rows: the predicted choice index, or (language_modeling) whether
-    greedy decoding reproduces the continuation."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    ids = ids.to(device)
-    # Padding sits after every real token, so causal attention ignores it. Only the positions that predict a
-    # continuation token go through lm_head: at vocab 65,536 unembedding a whole 10-shot prompt costs several
-    # times the transformer itself, and its (B, T, V) logits take gigabytes.
-    hidden = model.hidden_states(ids)
-    if task_type == "language_modeling":
-        start, end = spans[0]
-        predicted = model.unembed(hidden[0, start - 1 : end - 1]).argmax(dim=-1)
-        return bool(torch.equal(predicted, ids[0, start:end]))
-    # Mean cross-entropy of each row's continuation, from the positions that predict it.
-    mean_losses = [F.cross_entropy(model.unembed(hidden[i, start - 1 : end - 1]).float(), ids[i, start:end]).item()
-                   for i, (start, end) in enumerate(spans)]
-    return min(range(len(mean_losses)), key=mean_losses.__getitem__)
+def prepare_examples(tokenizer, items: Sequence[dict], fewshots: Sequence[Sequence[dict]], task_type: str,
+                     delimiter: str, max_len: int) -> list[Prepared]:
+    """Every example's prompts tokenized in one call, then its rows and spans cropped once, and whether its
+    rows share a prefix worth running once (core_batch.shares_prefix)."""
+    prompts = [render_prompts(item, task_type, delimiter, fewshot) for item, fewshot in zip(items, fewshots)]
+    flat = tokenizer.encode([p for ps in prompts for p in ps], prepend=tokenizer.get_bos_token_id())
+    prepared, at = [], 0
+    for ps in prompts:
+        rows, spans = crop_left(*continuation_spans(flat[at : at + len(ps)], task_type), max_len)
+        at += len(ps)
+        shared = shares_prefix(rows, spans) if task_type != "language_modeling" else 0
+        prepared.append(Prepared(rows, spans, shared))
+    return prepared
 
 
 def evaluate_example(model, tokenizer, item: dict, task_type: str, delimiter: str = " ", fewshot: Sequence[dict] = (),
                      device: torch.device | str | None = None) -> bool:
     device = device or model.get_device()
-    rows, spans = example_batch(tokenizer, item, task_type, delimiter, list(fewshot), model.config.sequence_len)
-    outcome = score_rows(model, rows, spans, task_type, tokenizer.get_bos_token_id(), device)
-    return outcome if task_type == "language_modeling" else outcome == item["gold"]
+    examples = prepare_examples(tokenizer, [item], [list(fewshot)], task_type, delimiter, model.config.sequence_len)
+    (scores,) = score_examples(model, examples, task_type, tokenizer.get_bos_token_id(), device)
+    predicted = outcome(scores, task_type)
+    return predicted if task_type == "language_modeling" else predicted == item["gold"]
 
 
 # -----------------------------------------------------------------------------
@@ -377,11 +368,13 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def evaluate_task(model, tokenizer, data: list[dict], task_type: str, num_fewshot: int = 0, delimiter: str = " ",
-                  max_per_task: int = -1, device: torch.device | str | None = None) -> tuple[int, int]:
+def task_scores(model, tokenizer, data: list[dict], task_type: str, num_fewshot: int = 0, delimiter: str = " ",
+                max_per_task: int = -1, device: torch.device | str | None = None,
+                batch_tokens: int = BATCH_TOKENS) -> tuple[list[dict], list[int], list[list]]:
     """
-    (correct, examples) over the task: shuffle with seed 1337, keep the first max_per_task (<= 0: all), and
-    evaluate example idx on rank idx % world_size; the counts are summed over ranks.
+    The task's evaluated examples (shuffled with seed 1337, the first max_per_task; <= 0: all), the indices this
+    rank evaluates (idx % world_size == rank) and, per such index, each row's score: the mean continuation loss
+    (multiple_choice, schema) or whether greedy decoding reproduces the continuation (language_modeling).
     """
     device = device or model.get_device()
     data = list(data)
@@ -391,15 +384,32 @@ def evaluate_task(model, tokenizer, data: list[dict], task_type: str, num_fewsho
     # num_fewshot (a small max_per_task), the pool extends into the rest of the shuffled data.
     pool = data[: max(n, num_fewshot + 1)]
     rank, world_size = _dist_rank_world()
+    indices = list(range(rank, n, world_size))
+    scores: list[list] = []
+    for at in range(0, len(indices), CHUNK_EXAMPLES):
+        chunk = indices[at : at + CHUNK_EXAMPLES]
+        fewshots = [[pool[i] for i in sample_fewshot(len(pool), idx, num_fewshot)] for idx in chunk]
+        examples = prepare_examples(tokenizer, [data[idx] for idx in chunk], fewshots, task_type, delimiter,
+                                    model.config.sequence_len)
+        scores += score_examples(model, examples, task_type, tokenizer.get_bos_token_id(), device, batch_tokens)
+    return data[:n], indices, scores
+
+
+def evaluate_task(model, tokenizer, data: list[dict], task_type: str, num_fewshot: int = 0, delimiter: str = " ",
+                  max_per_task: int = -1, device: torch.device | str | None = None) -> tuple[int, int]:
+    """(correct, examples) over the task (see task_scores); the counts are summed over ranks."""
+    evaluated, indices, scores = task_scores(model, tokenizer, data, task_type, num_fewshot, delimiter,
+                                             max_per_task, device)
     correct = 0
-    for idx in range(rank, n, world_size):
-        fewshot = [pool[i] for i in sample_fewshot(len(pool), idx, num_fewshot)]
-        correct += int(evaluate_example(model, tokenizer, data[idx], task_type, delimiter, fewshot, device))
+    for idx, row_scores in zip(indices, scores):
+        predicted = outcome(row_scores, task_type)
+        correct += int(predicted if task_type == "language_modeling" else predicted == evaluated[idx]["gold"])
+    _, world_size = _dist_rank_world()
     if world_size > 1:
         total = torch.tensor([correct], dtype=torch.long, device=model.get_device())
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         correct = int(total.item())
-    return correct, n
+    return correct, len(evaluated)
 
 
 def centered_accuracy(accuracy: float, random_baseline_percent: float) -> float:

@@ -21,7 +21,8 @@ from nanochat.tasks import GSM8K, MMLU, HumanEval
 
 RESULT_KEYS = {"source", "model_tag", "step", "chatcore", "chatcore_label", "chatcore_nosb", "chatcore_nosb_label",
                "chatcore_tasks_covered",
-               "chatcore_tasks_total", "chat_tasks", "chat_missing", "examples_per_sec", "samples", "eval_time_s"}
+               "chatcore_tasks_total", "chat_tasks", "chat_missing", "examples_per_sec", "dtype", "samples",
+               "eval_time_s"}
 
 
 def random_model(vocab_size: int, seed: int = 0, n_layer: int = 1, n_embd: int = 32) -> GPT:
@@ -253,6 +254,7 @@ def test_entry_point_on_a_tiny_sft_checkpoint(shared_data, sft_base_dir, tmp_pat
 
     assert set(summary) == RESULT_KEYS
     assert (summary["source"], summary["model_tag"], summary["step"]) == ("sft", "d1", 7)
+    assert summary["dtype"] == "float32"  # CPU evals run in fp32 unless --dtype says otherwise (common.eval_dtype)
     assert summary["chat_missing"] == {}
     assert summary["chatcore_label"] == "ChatCORE"
     assert (summary["chatcore_tasks_covered"], summary["chatcore_tasks_total"]) == (6, 6)
