@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from nanochat import tok_eval, tok_train
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
@@ -14,7 +15,7 @@ from store.home import git_sha
 from store.keys import tokenizer_key
 
 
-@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"pytorch"},
+@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"rust", md.store_kind()},
           partitions_def=PROFILE_PARTITIONS)
 def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore) -> dg.MaterializeResult:
@@ -34,9 +35,8 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     with retry_on_store_faults():
         info = artifacts.put_dir(out_dir, tokenizer_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
-        metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
-                  "vocab_size": settings["vocab_size"], "max_chars": settings["tok_max_chars"],
-                  "raw_shards_sha256": shards["sha256"], "compression": dg.MetadataValue.md(table),
-                  "git_sha": git_sha(), "wall_time_s": round(wall, 1)},
+        metadata=md.entries({**md.artifact(info), "vocab_size": settings["vocab_size"],
+                             "max_chars": settings["tok_max_chars"], "raw_shards_sha256": shards["sha256"],
+                             "compression": dg.MetadataValue.md(table), "git_sha": git_sha(), "wall_time_s": wall}),
         data_version=dg.DataVersion(info.sha256),
     )
