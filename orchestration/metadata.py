@@ -84,13 +84,15 @@ def value(key: str, v: Any) -> dg.MetadataValue | None:
     return dg.MetadataValue.text(str(v))
 
 
+# The UI lists entries in this order: what a person looks for first, then the rest as given, the run config last.
+GLANCE = ("promoted", "val_bpb", "core", "core_label", "chatcore", "chatcore_label", "tok_per_sec", "loss_curve",
+          "core_tasks", "chat_tasks", "samples", "vocab_size", "compression", "num_shards", "documents", "corpus")
+
+
 def entries(values: Mapping[str, Any]) -> dict[str, dg.MetadataValue]:
-    return {k: mv for k, v in values.items() if (mv := value(k, v)) is not None}
-
-
-def artifact(info) -> dict[str, Any]:
-    """Where a published artifact is (store.artifact_store's ArtifactInfo)."""
-    return {"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size}
+    def rank(key: str) -> int:
+        return GLANCE.index(key) if key in GLANCE else len(GLANCE) + (key == "config")
+    return {k: mv for k in sorted(values, key=rank) if (mv := value(k, values[k])) is not None}
 
 
 # --- pictures and tables ------------------------------------------------------------------------------------------
@@ -194,6 +196,13 @@ def chat_table(results: Mapping[str, Mapping[str, Any]]) -> dg.TableMetadataValu
     rows = [[t, *[tasks.get(t, {}).get("accuracy") for tasks in per_stage.values()],
              per_stage[last].get(t, {}).get("centered"), per_stage[last].get(t, {}).get("examples")] for t in names]
     return table(columns, rows)
+
+
+def compression_table(rows: Sequence[Mapping[str, Any]]) -> dg.TableMetadataValue:
+    """The tokenizer's compression per data source (nanochat.tok_eval rows)."""
+    return table({"source": "string", "docs": "int", "bytes": "int", "tokens": "int", "bytes/token": "float",
+                  "tokens/doc": "float"}, [[r["source"], r["docs"], r["bytes"], r["tokens"], r["bytes_per_token"],
+                                            r["tokens_per_doc"]] for r in rows])
 
 
 def promoted(pointer: Mapping[str, Any]) -> dict[str, Any]:

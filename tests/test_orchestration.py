@@ -181,6 +181,11 @@ def assert_readable_metadata(result) -> None:
     assert "samples" not in metadata["base_checkpoint"] or isinstance(
         metadata["base_checkpoint"]["samples"], dg.MarkdownMetadataValue)
     assert float(metadata["tokenizer"]["vocab_size"].value) == 512
+    compression = metadata["tokenizer"]["compression"]
+    assert isinstance(compression, dg.TableMetadataValue) and compression.schema.columns[0].name == "source"
+    # What a person looks for comes first on the asset page (the UI keeps the order), the run's config last.
+    assert list(metadata["base_checkpoint"])[:3] == ["val_bpb", "tok_per_sec", "loss_curve"]
+    assert list(metadata["base_checkpoint"])[-1] == "config"
 
 
 def test_child_crash_fails_the_asset_with_the_childs_error(tmp_path, shared_data, monkeypatch):

@@ -129,7 +129,7 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
     summary = meta["promoted_model"]["promoted"]
     assert summary.startswith("**tiny** · sft d2 · step 4") and "CORE[18/22]" in summary, summary
     (promotion,) = result.asset_materializations_for_node("promoted_model")
-    assert promotion.tags["nanochat/promoted"] == "tiny/d2/step-4"
+    assert promotion.tags["nanochat/promoted"] == "tiny-d2-step4"
 
     # promoted_model points at the SFT checkpoint; the report card covers every stage.
     pointer = read_pointer(store)

@@ -82,7 +82,7 @@ def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace
     with retry_on_store_faults():
         info = artifacts.put_dir(out, shards_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
-        metadata=md.entries({**md.artifact(info), "num_shards": len(shards), "documents": docs,
+        metadata=md.entries({**info.to_metadata(), "num_shards": len(shards), "documents": docs,
                              "corpus": settings["corpus"], "validation_shard": shards[-1].name,
                              "wall_time_s": time.time() - t0}),
         data_version=dg.DataVersion(info.sha256),

@@ -60,7 +60,7 @@ def promoted_model(context: dg.AssetExecutionContext, profile: RunProfile,
                              "checkpoint_uri": sft["uri"], "checkpoint_sha256": sft["sha256"],
                              "step": int(sft["step"]), "model_tag": profile.model_tag, "scores": scores}),
         data_version=dg.DataVersion(sft["sha256"]),
-        tags={"nanochat/promoted": f"{profile.name.value}/{profile.model_tag}/step-{int(sft['step'])}"},
+        tags={"nanochat/promoted": f"{profile.name.value}-{profile.model_tag}-step{int(sft['step'])}"},
     )
 
 
@@ -141,4 +141,4 @@ def report(context: dg.AssetExecutionContext, profile: RunProfile, artifacts: Ar
     key = report_key(profile.name.value, profile.model_tag, context.run.run_id)
     with retry_on_store_faults():
         info = artifacts.put_bytes(key, text.encode())
-    return dg.MaterializeResult(metadata=md.entries({"report": dg.MetadataValue.md(text), **md.artifact(info)}))
+    return dg.MaterializeResult(metadata=md.entries({"report": dg.MetadataValue.md(text), **info.to_metadata()}))

@@ -30,13 +30,12 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     tok_train.main([f"--max-chars={settings['tok_max_chars']}", f"--vocab-size={settings['vocab_size']}",
                     f"--data-dir={run_dir / 'base_data'}", f"--out-dir={out_dir}"])
     rows = tok_eval.main(["--data-dir", str(run_dir / "base_data"), "--base-dir", str(run_dir)])
-    table = tok_eval.markdown_table(rows)
     wall = time.time() - t0
     with retry_on_store_faults():
         info = artifacts.put_dir(out_dir, tokenizer_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
-        metadata=md.entries({**md.artifact(info), "vocab_size": settings["vocab_size"],
+        metadata=md.entries({**info.to_metadata(), "vocab_size": settings["vocab_size"],
                              "max_chars": settings["tok_max_chars"], "raw_shards_sha256": shards["sha256"],
-                             "compression": dg.MetadataValue.md(table), "git_sha": git_sha(), "wall_time_s": wall}),
+                             "compression": md.compression_table(rows), "git_sha": git_sha(), "wall_time_s": wall}),
         data_version=dg.DataVersion(info.sha256),
     )

@@ -59,7 +59,7 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     if not settings["keep_resume_points"]:
         resume.clear(points, context.log)
     metadata = {
-        **md.artifact(info), "step": step, "model_tag": tag, "profile": profile.name.value,
+        **info.to_metadata(), "step": step, "model_tag": tag, "profile": profile.name.value,
         "wall_time_s": wall, "git_sha": git_sha(), "config": settings, "progress_messages": len(messages), **lineage,
         **md.training(result, messages, settings["device_type"]),
     }
