@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from app.chat import MAX_INPUT_CHARS
-from orchestration import home  # the state root the pipeline and the UI write to (one small Dagster-free module)
+from store import home  # the state root the pipeline and the UI write to (Dagster-free)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
