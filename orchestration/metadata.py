@@ -85,8 +85,9 @@ def value(key: str, v: Any) -> dg.MetadataValue | None:
 
 
 # The UI lists entries in this order: what a person looks for first, then the rest as given, the run config last.
-GLANCE = ("promoted", "val_bpb", "core", "core_label", "chatcore", "chatcore_label", "tok_per_sec", "loss_curve",
-          "core_tasks", "chat_tasks", "samples", "vocab_size", "compression", "num_shards", "documents", "corpus")
+GLANCE = ("promoted", "val_bpb", "core", "core_label", "chatcore", "chatcore_label", "tok_per_sec", "loss_trend",
+          "loss_curve", "core_tasks", "chat_tasks", "samples", "vocab_size", "compression", "num_shards", "documents",
+          "corpus")
 
 
 def entries(values: Mapping[str, Any]) -> dict[str, dg.MetadataValue]:
@@ -116,6 +117,17 @@ def curves_png(panels: Mapping[str, Sequence[Sequence[float]]]) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def sparkline(values: Sequence[float], width: int = 32) -> str:
+    """A curve as text, first and last value around it: the UI shows short text inline, where an image needs a click."""
+    stride = math.ceil(len(values) / width)
+    values = list(values)[::stride] + ([values[-1]] if (len(values) - 1) % stride else [])
+    finite = [v for v in values if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    bars = "".join("▁▂▃▄▅▆▇█"[round(7 * (v - low) / (high - low)) if high > low else 0] if math.isfinite(v) else "×"
+                   for v in values)
+    return f"{as_text(values[0])} {bars} {as_text(values[-1])}"
 
 
 def image_md(alt: str, png: bytes) -> dg.MetadataValue:
@@ -174,6 +186,8 @@ def training(result: Mapping[str, Any], messages: Sequence[Mapping[str, Any]], d
     for metric in ("val_bpb", "val_loss"):
         panels[metric.replace("_", " ")] = [(m["step"], m[metric]) for m in messages if m.get(metric) is not None]
     panels = {title: points for title, points in panels.items() if points}
+    if panels.get("train loss"):
+        out["loss_trend"] = sparkline([loss for _, loss in panels["train loss"]])
     out["loss_curve"] = image_md("loss", curves_png(panels)) if panels else "no steps"
     if result.get("samples"):
         out["samples"] = samples_md(result["samples"])

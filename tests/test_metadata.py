@@ -52,6 +52,13 @@ def test_training_metadata_plots_the_curves_and_leaves_mfu_to_gpus():
     assert md.training({"loss_curve": []}, [], "cpu")["loss_curve"] == "no steps"
 
 
+def test_sparkline_shows_the_whole_curve_in_a_line():
+    assert md.sparkline([6.2, 5.9, 5.5, 5.2, 5.0, 5.09]) == "6.2 █▆▄▂▁▂ 5.09"
+    long = md.sparkline([float(x) for x in range(100, 0, -1)])
+    assert long.startswith("100 █") and long.endswith("▁ 1") and len(long.split()[1]) <= 34
+    assert md.sparkline([3.0, math.nan, 2.0]) == "3 █×▁ 2"  # a NaN step is shown, not hidden
+
+
 def test_score_tables_have_a_schema_and_print_as_markdown():
     tasks = {"arc_easy": {"accuracy": 0.123456, "centered": -0.0123456, "random_baseline": 25.0, "examples": 4}}
     table = md.core_table(tasks)

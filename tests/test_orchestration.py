@@ -184,7 +184,7 @@ def assert_readable_metadata(result) -> None:
     compression = metadata["tokenizer"]["compression"]
     assert isinstance(compression, dg.TableMetadataValue) and compression.schema.columns[0].name == "source"
     # What a person looks for comes first on the asset page (the UI keeps the order), the run's config last.
-    assert list(metadata["base_checkpoint"])[:3] == ["val_bpb", "tok_per_sec", "loss_curve"]
+    assert list(metadata["base_checkpoint"])[:4] == ["val_bpb", "tok_per_sec", "loss_trend", "loss_curve"]
     assert list(metadata["base_checkpoint"])[-1] == "config"
 
 

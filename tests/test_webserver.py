@@ -480,6 +480,9 @@ def test_ui_cli_and_app_share_one_state(tmp_path, shared_data):
         assert meta["loss_curve"].startswith("![loss](data:image/png;base64,") and meta["step"] == "6"
 
         out = artifact_dir()
+        # The UI's one-time "Join the Dagster community" dialog would cover the pages (ui.sh leaves it on): mark it
+        # seen, as its Skip button does (a file under this test's DAGSTER_HOME).
+        assert server.graphql("mutation { setNuxSeen }")["setNuxSeen"] is True
         assert screenshot_asset_pages(server, tmp_path / "chromium-pages", out) > 300  # the PNG decoded in Chromium
         screenshot_asset_graph(server, tmp_path / "chromium-graph", out / "dagster_lineage_after_run.png", stages)
         for name in ("dagster_eval_tables.png", "dagster_loss_plot.png", "dagster_lineage_after_run.png"):

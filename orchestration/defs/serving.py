@@ -97,7 +97,7 @@ def render_report(stages: dict[str, dict], profile: RunProfile, run_id: str) -> 
     total = 0.0
     for asset in PIPELINE:
         m = stages.get(asset) or {}
-        wall = m.get("wall_time_s")
+        wall = md.number(m, "wall_time_s")
         total += wall or 0.0
         sha = m.get("sha256") or m.get("results_sha256") or ""
         out.append(f"| {asset} | {fmt(m.get('step') or m.get('checkpoint_step'))} | `{sha[:12]}` | {fmt(wall, 1)} | "
