@@ -183,6 +183,8 @@ def training(result: Mapping[str, Any], messages: Sequence[Mapping[str, Any]], d
     if device_type == "cuda":  # on CPU the child reports 0: there is no peak FLOP/s to divide by
         out["mfu"] = result.get("mfu")
     panels = {"train loss": result.get("loss_curve") or []}
+    # The curve counts this process's steps from 1: after a resume, fewer than `step`.
+    out["steps_trained"] = int(panels["train loss"][-1][0]) if panels["train loss"] else 0
     for metric in ("val_bpb", "val_loss"):
         panels[metric.replace("_", " ")] = [(m["step"], m[metric]) for m in messages if m.get(metric) is not None]
     panels = {title: points for title, points in panels.items() if points}

@@ -44,6 +44,7 @@ def test_training_metadata_plots_the_curves_and_leaves_mfu_to_gpus():
     messages = [{"step": 2, "val_bpb": 2.7}, {"step": 3, "loss": 4.5}, {"step": 3, "val_bpb": 2.5}]
     cpu = md.training(result, messages, "cpu")
     assert "mfu" not in cpu and md.training(result, messages, "cuda")["mfu"] == 0.0
+    assert cpu["steps_trained"] == 3 and cpu["loss_trend"] == "6 █▃▁ 4.5"
     found = re.fullmatch(r"!\[loss\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", cpu["loss_curve"].value)
     png = Image.open(io.BytesIO(base64.b64decode(found.group(1))))
     assert png.format == "PNG" and png.size == (648, 216)  # two panels: train loss, val bpb
