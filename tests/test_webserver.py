@@ -358,11 +358,11 @@ def metadata_row(page: Page, label: str) -> Locator:
 
 
 def screenshot_asset_pages(server: DagsterDev, profile_dir: Path, out: Path) -> int:
-    """Save what a person sees first on two asset pages: base_eval's CORE table inline (dagster_eval_tables.png),
-    and base_checkpoint's loss curves in the dialog "[Show Markdown]" opens (dagster_loss_plot.png). Returns the
-    natural width of the curves' image as Chromium decoded it (0: not rendered)."""
+    """Save what a person sees first on two asset pages: base_eval's CORE table inline in its latest materialization
+    (Events tab; dagster_eval_tables.png), and base_checkpoint's loss curves in the dialog "[Show Markdown]" opens
+    (dagster_loss_plot.png). Returns the natural width of the curves' image as Chromium decoded it (0: not rendered)."""
     with chromium_page(profile_dir, viewport=(1280, 860)) as page:
-        page.goto(f"{server.url}/assets/base_eval", wait_until="load")
+        page.goto(f"{server.url}/assets/base_eval?view=events", wait_until="load")  # wider than the overview
         table = metadata_row(page, "core_tasks").locator("table")  # TableMetadataValue renders as a nested table
         table.first.wait_for(state="visible")
         assert "random baseline %" in table.first.inner_text()
