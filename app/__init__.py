@@ -2,11 +2,13 @@
 The chat app: `python -m app` serves the promoted model in a Gradio chat.
 
     chat.py      input checks, conversation -> prompt (with truncation), streaming and rendering a reply
-    models.py    which checkpoints exist, loading one shared model, switching, watching for promotions
-    scores.py    the eval history (DuckDB) for the Scores tab
+    models.py    loading one shared model (from store/catalog.py's candidates), switching, watching for promotions
+    scores.py    the eval history (DuckDB) for the Scores tab: grouped series, a table and a plot
     ui.py        the Gradio Blocks: Chat and Scores tabs
     __main__.py  command line, /health, launch
-    demo.py      a tiny demo store to try it without the pipeline; screenshot.py: README screenshots
+
+The app only reads the store and the eval history; importer/demo.py publishes a tiny demo to chat with.
 """
 
 import nanochat  # noqa: F401,E402  (sets torch's OpenMP wait policy before anything imports torch)
+from store.catalog import TIME_FORMAT  # noqa: F401  (every time the app shows: 24-hour UTC)

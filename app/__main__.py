@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from app.chat import MAX_INPUT_CHARS
-from store import home  # the state root the pipeline and the UI write to (Dagster-free)
+from store import home  # the state root the pipeline and the UI write to
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duckdb", metavar="PATH", help="eval history (default $NANOCHAT_DUCKDB, else "
                                                     "$NANOCHAT_HOME/evals.duckdb)")
     p.add_argument("--device", help="cpu, cuda, mps (default: autodetect)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights' dtype (auto: bf16 on CUDA and on CPUs with bf16 hardware, else fp32)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="torch CPU threads (default: half the cores, leaving the rest to the web server)")
     p.add_argument("--concurrency", type=int, default=4,
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     store = artifact_store_from_url(args.artifacts) if args.artifacts else None
     db_path = Path(args.duckdb) if args.duckdb else home.duckdb_path()
     local = local_candidate(args.checkpoint, args.tokenizer_dir, args.step) if args.checkpoint else None
-    manager = ModelManager(store, db_path, device, local, auto_reload=args.auto_reload)
+    manager = ModelManager(store, db_path, device, local, auto_reload=args.auto_reload, dtype=args.dtype)
     manager.refresh()
     for note in manager.notes:
         logging.getLogger("app").warning("%s", note)

@@ -20,8 +20,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanochat.common import autocast_for
-
 MAX_INPUT_CHARS = 8000
 
 # C0 and C1 control characters except tab and newline (carriage returns are normalized first), and lone UTF-16
@@ -99,6 +97,13 @@ def build_prompt(tokenizer, messages: list[dict], sequence_len: int, reply_room:
     ids, _ = tokenizer.render_conversation({"messages": conversation}, max_tokens=sys.maxsize)
     ids.append(tokenizer.encode_special("<|assistant_start|>"))
     return Prompt(ids, len(exchanges) - len(kept), budget)
+
+
+def default_max_tokens(sequence_len: int) -> int:
+    """The reply length the app starts with: a quarter of the context (at most 512), so a first exchange at full
+    length leaves room for the second turn's question and reply (at the whole context, the second turn of every
+    chat would drop the first)."""
+    return max(1, min(512, sequence_len // 4))
 
 
 def reply_room(sequence_len: int, max_tokens: int) -> int:
@@ -249,12 +254,11 @@ def stream_reply(
     token (each forward pass gets all of torch's threads) instead of thrashing the CPU together.
     """
     reply = Reply(engine.tokenizer)
-    device = engine.model.get_device()
     steps = engine.generate(prompt_tokens, max_tokens=max_tokens, temperature=temperature, top_k=top_k or None,
                             seed=seed)
     try:
         while not reply.done:
-            with step_lock or nullcontext(), autocast_for(device):
+            with step_lock or nullcontext():  # no autocast: the weights are in the serving dtype
                 column = next(steps, None)
             if column is None:
                 break  # max_tokens (or the model's position limit) reached

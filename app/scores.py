@@ -1,77 +1,99 @@
 """
-The Scores tab's data: the eval history in DuckDB as rows for a plot and a table.
+The Scores tab's data: the eval history's series by group (store.eval_queries.SCORE_GROUPS: the CORE and
+ChatCORE aggregates, CORE's tasks apart from ChatCORE's, loss and bpb), and one series as a table and a plot.
 
-DuckDB lets one process write or many read, never both. The pipeline writes in short transactions, so the app
-opens a short read-only connection per refresh, retries briefly while a writer holds the file, and otherwise says
-"busy" instead of failing (store.eval_store.connect_ro does the retrying).
+DuckDB lets one process write or many read, never both: each refresh is one short read-only connection that
+says "busy" instead of failing while the pipeline writes (store.eval_queries.read_history).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timezone
 from pathlib import Path
-from typing import Any
 
-import duckdb
 import pandas as pd
+from matplotlib.dates import DateFormatter
+from matplotlib.figure import Figure
 
-from store import eval_queries, eval_store
+from app import TIME_FORMAT
+from store import eval_queries
 
 SEPARATOR = " · "  # between task and metric in a series name: "all · CORE", "arc_easy · accuracy"
-TABLE_COLUMNS = ["recorded_at", "profile", "depth", "run_id", "stage", "step", "checkpoint", "task", "metric",
+TABLE_COLUMNS = ["recorded at (UTC)", "profile", "depth", "run_id", "stage", "step", "checkpoint", "task", "metric",
                  "value", "change", "tokens_seen"]
 MAX_RUNS = 200
 
 
 @dataclass
 class Scores:
-    choices: list[str] = field(default_factory=list)  # "task · metric" series that exist in the history
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> its "task · metric" series
+    group: str | None = None
     selected: str | None = None
     table: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TABLE_COLUMNS))
     message: str = ""  # what to tell the user: empty, busy, unreadable, ...
 
-    @property
-    def plot(self) -> pd.DataFrame:
-        """One line per profile, depth and stage, over time."""
-        df = self.table[["recorded_at", "value", "stage", "profile", "depth"]].copy()
-        df["recorded_at"] = pd.to_datetime(df["recorded_at"])
-        df["series"] = df["profile"].astype(str) + " d" + df["depth"].astype(str) + " " + df["stage"].astype(str)
-        return df[["recorded_at", "value", "series"]]
+    def plot(self) -> Figure:
+        """One line per profile, depth and stage over time; the legend beside the axes, so it never covers or
+        clips a line, and times in TIME_FORMAT (UTC: the recorded times are naive UTC, shown as they are)."""
+        fig = Figure(figsize=(12, 3.8), layout="constrained")
+        ax = fig.add_subplot()
+        df = self.table.assign(at=pd.to_datetime(self.table[TABLE_COLUMNS[0]]))
+        for name, rows in df.groupby(df["profile"].astype(str) + " d" + df["depth"].astype(str) + " " + df["stage"]):
+            ax.plot(rows["at"], rows["value"], marker="o", label=name)
+        if df["at"].nunique() == 1:  # one run: an hour around it (matplotlib would span years)
+            ax.set_xlim(df["at"].iloc[0] - pd.Timedelta(minutes=30), df["at"].iloc[0] + pd.Timedelta(minutes=30))
+        ax.xaxis.set_major_formatter(DateFormatter(TIME_FORMAT, tz=timezone.utc))
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.set(xlabel="recorded at (UTC)", ylabel=self.selected or "value")
+        ax.grid(alpha=0.3)
+        if len(df):
+            ax.legend(title="profile, depth, stage", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return fig
 
 
 def series_name(task: str, metric: str) -> str:
     return f"{task}{SEPARATOR}{metric}"
 
 
-def read_scores(db_path: str | Path, selected: str | None = None, retries: int = 3) -> Scores:
-    """The series in the history and the rows of one of them (default: ChatCORE, else CORE, else the first)."""
-    path = Path(db_path)
-    if not path.exists():
-        return Scores(message=f"No eval history at `{path}` yet: run the pipeline's evals (or pass --duckdb).")
+def pick(groups: dict[str, list[str]], group: str | None, selected: str | None) -> tuple[str, str]:
+    """The (group, series) to show: the one asked for where it exists, else the group's (or the history's)
+    ChatCORE, else its CORE, else its first series."""
+    for name, names in groups.items():
+        if selected in names:
+            return name, selected
+    pool = groups[group] if group in groups else [s for names in groups.values() for s in names]
+    aggregates = [s for s in pool if s.startswith(series_name(eval_queries.AGGREGATE_TASK, ""))]
+    selected = next((s for prefix in ("ChatCORE", "CORE") for s in aggregates
+                     if s.split(SEPARATOR, 1)[1].startswith(prefix)), pool[0])
+    return next(name for name, names in groups.items() if selected in names), selected
+
+
+def read_scores(db_path: str | Path, group: str | None = None, selected: str | None = None,
+                retries: int = 3) -> Scores:
+    """The grouped series in the history and the rows of the one picked (see pick)."""
+    def query(conn) -> Scores:
+        groups = {name: [series_name(*pair) for pair in pairs]
+                  for name, pairs in eval_queries.series_groups(conn).items()}
+        if not groups:
+            return Scores(message="The eval history is empty: no run has recorded a score yet.")
+        scores = Scores(groups, *pick(groups, group, selected))
+        task, metric = scores.selected.split(SEPARATOR, 1)
+        rows = eval_queries.history(conn, metric=metric, task=task, last_n=MAX_RUNS)
+        scores.table = _table(rows)
+        scores.message = f"{len(rows)} results for **{scores.selected}** (the latest {MAX_RUNS} runs at most)."
+        return scores
+
     try:
-        with eval_store.connect_ro(path, retries=retries, backoff=0.1, max_backoff=0.5) as conn:
-            eval_store.check_schema(conn)
-            pairs = eval_queries.series(conn)
-            choices = [series_name(t, m) for t, m in pairs]
-            aggregates = [series_name(t, m) for t, m in pairs if t == eval_store.AGGREGATE_TASK]
-            if not choices:
-                return Scores(message="The eval history is empty: no run has recorded a score yet.")
-            if selected not in choices:  # ChatCORE, else CORE (full or partial suites), else the first series
-                selected = next((c for prefix in ("ChatCORE", "CORE") for c in aggregates
-                                 if c.split(SEPARATOR, 1)[1].startswith(prefix)), choices[0])
-            task, metric = selected.split(SEPARATOR, 1)
-            rows = eval_queries.history(conn, metric=metric, task=task, last_n=MAX_RUNS)
-    except eval_store.DatabaseLockedError:
-        return Scores(message="⏳ The eval history is busy (a pipeline run is writing to it). Retry in a moment.")
-    except (duckdb.Error, eval_store.SchemaVersionError, OSError) as e:
-        return Scores(message=f"⚠️ Cannot read the eval history at `{path}`: {type(e).__name__}: {e}")
-    return Scores(choices, selected, _table(rows), f"{len(rows)} results for **{selected}** "
-                                                   f"(the latest {MAX_RUNS} runs at most).")
+        return eval_queries.read_history(db_path, query, retries)
+    except eval_queries.HistoryUnavailable as e:
+        hint = "Retry in a moment." if e.busy else "Run the pipeline's evals, or pass --duckdb."
+        return Scores(message=f"{'⏳' if e.busy else '⚠️'} {str(e)[0].upper()}{str(e)[1:]}. {hint}")
 
 
-def _table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _table(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    df["recorded_at"] = pd.to_datetime(df["recorded_at"]).dt.strftime("%Y-%m-%d %H:%M:%S")  # sorts as text too
+    df[TABLE_COLUMNS[0]] = pd.to_datetime(df["recorded_at"]).dt.strftime(TIME_FORMAT)  # sorts as text too
     df["checkpoint"] = df["checkpoint_id"].str.slice(0, 12)
     df["value"] = df["value"].round(4)
     df["change"] = df["change"].astype(float).round(4)

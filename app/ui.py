@@ -1,6 +1,7 @@
 """
-The Gradio app: a Chat tab (streaming replies, stop / regenerate / new chat / export, sampling controls, the model
-picker) and a Scores tab (the eval history as a plot and a sortable table), plus GET /health.
+The Gradio app: a Chat tab (streaming replies, example prompts, stop, Gradio's own retry / undo / clear on the chat,
+export, sampling controls, the model picker) and a Scores tab (the eval history by group, as a plot and a sortable
+table), plus GET /health.
 
 Each browser session keeps its conversation in a gr.State: {"messages": the conversation in the tokenizer's format,
 "display": what the Chatbot shows (the same turns rendered as markdown, plus notices), "replies": per assistant
@@ -25,9 +26,18 @@ from typing import Any
 
 import gradio as gr
 
-from app.chat import MAX_INPUT_CHARS, InputError, build_prompt, clean_message, reply_room, stream_reply
+from app.chat import (
+    MAX_INPUT_CHARS,
+    InputError,
+    build_prompt,
+    clean_message,
+    default_max_tokens,
+    reply_room,
+    stream_reply,
+)
 from app.models import ModelManager, describe, is_failure
 from app.scores import read_scores
+from store.eval_queries import SCORE_GROUPS
 
 log = logging.getLogger("app")
 
@@ -35,6 +45,8 @@ log = logging.getLogger("app")
 # dir. Passed to launch(max_file_size=...): a bigger upload is refused with 413 while it streams in, never stored.
 MAX_UPLOAD_BYTES = 4096
 
+EXAMPLES = ("Hello! Who are you?", "Write a short poem about the sea.", "What is 12 times 37?",
+            "Explain in two sentences what a neural network is.")
 CSS = """
 #status, #serving { font-size: 0.9em; }
 footer { display: none !important; }
@@ -71,6 +83,14 @@ def _drop_unanswered(state: dict) -> None:
 # Chat handlers (generators: every yield streams to the browser)
 
 
+def _refuse(state: dict, title: str, detail: str, status: str | None = None) -> tuple[list, dict, str]:
+    """The reply cannot be written: a notice says why, and the unanswered message leaves the conversation."""
+    state = _copy(state)
+    _drop_unanswered(state)
+    state["display"].append(notice(title, detail))
+    return state["display"], state, status or title
+
+
 def generate(manager: ModelManager, state: dict, temperature: float, top_k: float, max_tokens: float, *,
              stream_every: float = 0.0) -> Iterator[tuple[list, dict, str]]:
     """Reply to the conversation in state (it ends with a user message): yield (display, state, status) as tokens
@@ -78,25 +98,22 @@ def generate(manager: ModelManager, state: dict, temperature: float, top_k: floa
     rendering every token would cost more than generating it)."""
     loaded = manager.current
     if loaded is None:
-        _drop_unanswered(state)
-        state["display"].append(notice("⚠️ No model loaded: pick one in the model list",
-                                       "Or start the app with --checkpoint DIR, or promote a model."))
-        yield state["display"], state, "⚠️ No model loaded."
+        yield _refuse(state, "⚠️ No model loaded: pick one in the model list",
+                      "Or start the app with --checkpoint DIR, or promote a model.", "⚠️ No model loaded.")
         return
     messages, display = state["messages"], state["display"]
     try:
         sequence_len = loaded.model.config.sequence_len
-        max_tokens = int(max_tokens)
-        prompt = build_prompt(loaded.tokenizer, messages, sequence_len, reply_room(sequence_len, max_tokens))
-        if prompt.dropped_exchanges:
-            n = prompt.dropped_exchanges
+        prompt = build_prompt(loaded.tokenizer, messages, sequence_len, reply_room(sequence_len, int(max_tokens)))
+        if n := prompt.dropped_exchanges:
             display.append(notice(
                 f"✂️ Context truncated: {dropped(n)} no longer {'fits' if n == 1 else 'fit'} the model's "
                 f"{sequence_len}-token context", "This reply is written without it. Start a new chat to begin afresh."))
         # The reply stops at the model's sequence length too: it was never trained to attend further back.
-        max_tokens = min(max_tokens, sequence_len - len(prompt.tokens))
-        replies = stream_reply(loaded.engine, prompt.tokens, max_tokens=max_tokens, temperature=float(temperature),
-                               top_k=int(top_k), seed=random.randrange(2**31), step_lock=manager.step_lock)
+        replies = stream_reply(loaded.engine, prompt.tokens, max_tokens=min(int(max_tokens), sequence_len -
+                               len(prompt.tokens)), temperature=float(temperature), top_k=int(top_k),
+                               seed=random.randrange(2**31), step_lock=manager.step_lock)
+
         def with_reply(reply) -> dict:
             shown = {"role": "assistant", "content": reply.markdown()}
             return {**state, "messages": messages + [reply.message()], "display": display + [shown]}
@@ -111,30 +128,24 @@ def generate(manager: ModelManager, state: dict, temperature: float, top_k: floa
             last_update = now
             streaming = with_reply(reply)
             yield streaming["display"], streaming, f"Generating… {reply.num_tokens} tokens"
-        state = with_reply(reply)
         manager.record_reply(reply.num_tokens, reply.seconds, loaded.candidate.id)
-        state["replies"] = state["replies"] + [{"model": loaded.candidate.id, "sha256": loaded.sha256,
-                                                "step": loaded.step, "tokens": reply.num_tokens,
-                                                "tok_per_sec": round(reply.tok_per_sec, 1)}]
+        done = with_reply(reply)
+        done["replies"] = done["replies"] + [{"model": loaded.candidate.id, "sha256": loaded.sha256,
+                                              "step": loaded.step, "tokens": reply.num_tokens,
+                                              "tok_per_sec": round(reply.tok_per_sec, 1)}]
         status = (f"{reply.num_tokens} tokens in {reply.seconds:.2f} s = **{reply.tok_per_sec:.1f} tok/s** "
                   f"· {loaded.candidate.label()}")
         if prompt.dropped_exchanges:
             status += f" · ✂️ {dropped(prompt.dropped_exchanges)} left out of the context"
-        yield state["display"], state, status
+        yield done["display"], done, status
     except InputError as e:
-        state = {**state, "messages": list(messages), "display": list(display)}
-        _drop_unanswered(state)
-        state["display"].append(notice(f"⚠️ Not sent: {e}", "Edit the message and send it again."))
-        yield state["display"], state, f"⚠️ {e}"
+        yield _refuse(state, f"⚠️ Not sent: {e}", "Edit the message and send it again.", f"⚠️ {e}")
     except BaseException as e:  # a Rust panic from the tokenizer is a BaseException; stopping (GeneratorExit) is not
         if not is_failure(e):
             raise
         log.exception("reply failed")
-        state = {**state, "messages": list(messages), "display": list(display)}
-        _drop_unanswered(state)
-        state["display"].append(notice(f"⚠️ The reply failed: {type(e).__name__}: {e}",
-                                       "The server logged the details; other chats are not affected."))
-        yield state["display"], state, f"⚠️ The reply failed: {type(e).__name__}: {e}"
+        yield _refuse(state, f"⚠️ The reply failed: {type(e).__name__}: {e}",
+                      "The server logged the details; other chats are not affected.")
 
 
 def respond(manager: ModelManager, max_chars: int, message: str, state: dict, temperature: float, top_k: float,
@@ -174,6 +185,27 @@ def regenerate(manager: ModelManager, state: dict, temperature: float, top_k: fl
     yield from generate(manager, state, temperature, top_k, max_tokens, stream_every=stream_every)
 
 
+def example_text(picked: gr.SelectData) -> str:
+    return picked.value["text"]
+
+
+def undo(state: dict) -> tuple[Any, list, dict, str]:
+    """Take back the last message and its reply; the message goes back into the textbox (as gr.ChatInterface does).
+    Returns (textbox, chatbot, state, status)."""
+    state = _copy(state)
+    users = [i for i, m in enumerate(state["display"]) if m["role"] == "user"]
+    if not users:
+        return gr.skip(), state["display"], state, "Nothing to undo."
+    text = state["display"][users[-1]]["content"]
+    answered = any(m["role"] == "assistant" and "metadata" not in m for m in state["display"][users[-1]:])
+    state["display"] = state["display"][: users[-1]]
+    if state["messages"] and state["messages"][-1]["role"] == "user":  # sent, not answered (yet)
+        state["messages"].pop()
+    elif answered:  # a refused or failed message never joined the conversation: nothing to take out of it
+        state["messages"], state["replies"] = state["messages"][:-2], state["replies"][:-1]
+    return text, state["display"], state, "Took back the last message."
+
+
 def export_conversation(manager: ModelManager, export_dir: Path, state: dict) -> str:
     """The conversation as a JSON file (a download): messages in the tokenizer's format, and which model replied."""
     state = _copy(state)
@@ -197,18 +229,19 @@ def export_conversation(manager: ModelManager, export_dir: Path, state: dict) ->
 # Models
 
 
-def picker_choices(manager: ModelManager) -> tuple[list[tuple[str, str]], str | None]:
-    """(label, id) of every candidate, and the id of the model being served."""
-    current = manager.current.candidate.id if manager.current else None
-    choices = [(c.label(), c.id) for c in manager.candidates]
-    if current and current not in {c for _, c in choices}:
-        choices.insert(0, (manager.current.candidate.label(), current))
-    return choices, current
-
-
 def picker_update(manager: ModelManager) -> dict:
-    choices, current = picker_choices(manager)
-    return gr.update(choices=choices, value=current)
+    """Every candidate as (label, id), and the id of the model being served."""
+    current = manager.current.candidate if manager.current else None
+    choices = [(c.label(), c.id) for c in manager.candidates]
+    if current and current.id not in {c.id for c in manager.candidates}:
+        choices.insert(0, (current.label(), current.id))
+    return gr.update(choices=choices, value=current.id if current else None)
+
+
+def max_tokens_update(manager: ModelManager) -> dict:
+    """The slider fits the served model: up to its context, starting at default_max_tokens."""
+    context = manager.current.model.config.sequence_len if manager.current else 2048
+    return gr.update(maximum=context, value=default_max_tokens(context))
 
 
 def serving_line(manager: ModelManager) -> str:
@@ -218,28 +251,25 @@ def serving_line(manager: ModelManager) -> str:
     return line
 
 
-def switch_model(manager: ModelManager, candidate_id: str) -> Iterator[tuple[dict, str, str]]:
-    """Load the picked model for everyone (the model is shared). Yields (picker, serving line, status)."""
+def switch_model(manager: ModelManager, candidate_id: str) -> Iterator[tuple[dict, str, str, dict]]:
+    """Load the picked model for everyone (the model is shared). Yields (picker, serving line, status, max tokens)."""
     if not candidate_id:
-        yield picker_update(manager), serving_line(manager), "Pick a model from the list."
+        yield picker_update(manager), serving_line(manager), "Pick a model from the list.", gr.skip()
         return
     try:
         candidate = manager.find(candidate_id)
-        yield gr.skip(), serving_line(manager), f"Loading {candidate.label()}…"
+        yield gr.skip(), serving_line(manager), f"Loading {candidate.label()}…", gr.skip()
         loaded = manager.load(candidate_id)
-        yield (picker_update(manager), serving_line(manager),
-               f"Switched to {loaded.candidate.label()} (loaded in {loaded.load_seconds:.1f} s) — for every user.")
+        yield (picker_update(manager), serving_line(manager), f"Switched to {loaded.candidate.label()} (loaded in "
+               f"{loaded.load_seconds:.1f} s) — for every user.", max_tokens_update(manager))
     except Exception as e:
         log.exception("switching to %s failed", candidate_id)
-        yield picker_update(manager), serving_line(manager), f"⚠️ Could not load that model: {type(e).__name__}: {e}"
+        yield (picker_update(manager), serving_line(manager),
+               f"⚠️ Could not load that model: {type(e).__name__}: {e}", gr.skip())
 
 
 def refresh_models(manager: ModelManager) -> tuple[dict, str]:
-    try:
-        manager.refresh()
-    except Exception as e:
-        log.exception("refreshing the model list failed")
-        return picker_update(manager), f"⚠️ Could not refresh the model list: {e}"
+    manager.refresh()  # never raises: what it cannot read becomes a note
     notes = "; ".join(manager.notes)
     return picker_update(manager), f"{len(manager.candidates)} checkpoints found." + (f" ({notes})" if notes else "")
 
@@ -251,28 +281,32 @@ def tick(manager: ModelManager) -> tuple[str, dict, dict]:
     return serving_line(manager), gr.update(value=banner, visible=bool(offer)), gr.update(visible=bool(offer))
 
 
-def accept_offer(manager: ModelManager) -> Iterator[tuple[dict, str, str]]:
+def accept_offer(manager: ModelManager) -> Iterator[tuple[dict, str, str, dict]]:
     if manager.offer is None:
-        yield picker_update(manager), serving_line(manager), "No new model to switch to."
+        yield picker_update(manager), serving_line(manager), "No new model to switch to.", gr.skip()
         return
     yield from switch_model(manager, manager.offer.id)
 
 
-# -----------------------------------------------------------------------------
-# Scores
-
-
-def scores_view(db_path: Path | None, selected: str | None) -> tuple[dict, Any, Any, str]:
+def scores_view(db_path: Path | None, group: str | None, selected: str | None) -> tuple:
+    """(group radio, series dropdown, plot, table, message) of the Scores tab."""
     if db_path is None:
-        return gr.update(choices=[]), None, None, "No eval history configured (--duckdb)."
-    scores = read_scores(db_path, selected)
-    if not scores.choices:  # busy, unreadable or empty: keep what is on screen, say why nothing changed
-        return gr.skip(), gr.skip(), gr.skip(), scores.message
-    return gr.update(choices=scores.choices, value=scores.selected), scores.plot, scores.table, scores.message
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "No eval history configured (--duckdb)."
+    scores = read_scores(db_path, group, selected)
+    if not scores.groups:  # busy, unreadable or empty: keep what is on screen, say why nothing changed
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), scores.message
+    return (gr.update(choices=list(scores.groups), value=scores.group),
+            gr.update(choices=scores.groups[scores.group], value=scores.selected), scores.plot(), scores.table,
+            scores.message)
 
 
 # -----------------------------------------------------------------------------
 # Layout
+
+
+def initial(update: dict) -> dict:
+    """A gr.update(...) as a component's constructor arguments (one function serves the first render and updates)."""
+    return {k: v for k, v in update.items() if k != "__type__"}
 
 
 def build_ui(manager: ModelManager, db_path: Path | None, max_input_chars: int = MAX_INPUT_CHARS,
@@ -290,33 +324,33 @@ def build_ui(manager: ModelManager, db_path: Path | None, max_input_chars: int =
             with gr.Row():
                 with gr.Column(scale=4):
                     chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot", buttons=["copy"],
-                                         placeholder="Ask something. Arithmetic goes through the calculator tool.")
+                                         examples=[{"text": text} for text in EXAMPLES],
+                                         placeholder="Ask something, or start from an example. Arithmetic goes "
+                                                     "through the calculator tool.")
                     with gr.Row():
                         textbox = gr.Textbox(placeholder=f"Message (up to {max_input_chars:,} characters)",
                                              show_label=False, lines=1, max_lines=8, scale=6, autofocus=True,
                                              elem_id="message")
                         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                         stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-                    with gr.Row():
-                        regen = gr.Button("Regenerate", size="sm", elem_id="regenerate")
-                        clear = gr.Button("New chat", size="sm", elem_id="new-chat")
-                        export = gr.Button("Export", size="sm", elem_id="export")
+                        export = gr.Button("Export", scale=1, elem_id="export")
                     status = gr.Markdown("", elem_id="status")
                     export_file = gr.File(label="Conversation (JSON)", visible=False, elem_id="export-file")
                 with gr.Column(scale=2):
-                    choices, current = picker_choices(manager)
-                    picker = gr.Dropdown(choices, value=current, label="Model", elem_id="picker")
+                    picker = gr.Dropdown(label="Model (★ served promotion, ↩ earlier ones)", elem_id="picker",
+                                         **initial(picker_update(manager)))
                     refresh = gr.Button("Refresh list", size="sm")
                     temperature = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Temperature (0 = greedy)")
                     top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
-                    max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
+                    max_tokens = gr.Slider(1, label="Max tokens per reply", step=1, elem_id="max-tokens",
+                                           **initial(max_tokens_update(manager)))
         with gr.Tab("Scores") as scores_tab:
             with gr.Row():
-                series = gr.Dropdown(label="Score", choices=[], scale=3)
+                group = gr.Radio(list(SCORE_GROUPS), label="Group", scale=3, elem_id="score-group")
+                series = gr.Dropdown(label="Score", choices=[], scale=3, elem_id="score-series")
                 reload_scores = gr.Button("Refresh", size="sm", scale=0)
             scores_message = gr.Markdown(elem_id="scores-message")
-            plot = gr.LinePlot(x="recorded_at", y="value", color="series", height=360, label="Eval history",
-                               x_title="recorded at (UTC)", color_title="profile, depth, stage")
+            plot = gr.Plot(label="Eval history (UTC)", elem_id="scores-plot")
             table = gr.Dataframe(label="Results (click a header to sort)", interactive=False, elem_id="scores-table")
 
         # Chat events. Stop cancels a streaming reply; what streamed so far stays in the chat.
@@ -325,28 +359,34 @@ def build_ui(manager: ModelManager, db_path: Path | None, max_input_chars: int =
         chat_out = [textbox, chatbot, state, status]
         send_event = send.click(chat, [textbox, state, *sampling], chat_out, api_name="chat")
         submit_event = textbox.submit(chat, [textbox, state, *sampling], chat_out, api_visibility="private")
+        example_event = chatbot.example_select(example_text, None, textbox,
+                                               api_visibility="private").then(chat, [textbox, state, *sampling],
+                                                                              chat_out, api_visibility="private")
         again = partial(regenerate, manager, stream_every=stream_every)
-        regen_event = regen.click(again, [state, *sampling], [chatbot, state, status], api_name="regenerate")
-        replies = [send_event, submit_event, regen_event]
+        regen_event = chatbot.retry(again, [state, *sampling], [chatbot, state, status], api_name="regenerate")
+        replies = [send_event, submit_event, example_event, regen_event]
         stop.click(None, None, None, cancels=replies)
-        clear.click(lambda: ([], new_session(), "New chat.", gr.update(value=None, visible=False)), None,
-                    [chatbot, state, status, export_file], api_name="new_chat", cancels=replies)
+        chatbot.undo(undo, state, chat_out, api_name="undo", cancels=replies)
+        chatbot.clear(lambda: ([], new_session(), "New chat.", gr.update(value=None, visible=False)), None,
+                      [chatbot, state, status, export_file], api_name="new_chat", cancels=replies)
         export.click(lambda s: gr.update(value=export_conversation(manager, export_dir, s), visible=True), state,
                      export_file, api_name="export")
 
         # Models: switching changes the model for every user (there is one shared model).
-        model_out = [picker, serving, status]
+        model_out = [picker, serving, status, max_tokens]
         picker.input(partial(switch_model, manager), picker, model_out, api_name="switch_model")
         accept.click(partial(accept_offer, manager), None, model_out, api_name="accept_new_model")
         refresh.click(partial(refresh_models, manager), None, [picker, status], api_name="refresh_models")
         gr.Timer(poll_seconds).tick(partial(tick, manager), None, [serving, banner, accept],
                                     api_visibility="private", show_progress="hidden", concurrency_limit=None)
+        demo.load(lambda: (serving_line(manager), picker_update(manager), max_tokens_update(manager)), None,
+                  [serving, picker, max_tokens], api_visibility="private")
 
         # Scores: read when the tab opens and on demand (short read-only DuckDB connections).
         show_scores = partial(scores_view, db_path)
-        scores_out = [series, plot, table, scores_message]
-        scores_tab.select(show_scores, series, scores_out, api_visibility="private")
-        series.input(show_scores, series, scores_out, api_visibility="private")
-        reload_scores.click(show_scores, series, scores_out, api_name="scores")
-        demo.load(partial(serving_line, manager), None, serving, api_visibility="private")
+        scores_out = [group, series, plot, table, scores_message]
+        scores_tab.select(show_scores, [group, series], scores_out, api_visibility="private")
+        group.input(lambda g: show_scores(g, None), group, scores_out, api_visibility="private")
+        series.input(show_scores, [group, series], scores_out, api_visibility="private")
+        reload_scores.click(show_scores, [group, series], scores_out, api_name="scores")
     return demo

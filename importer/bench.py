@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from app.models import discover, load_candidate
+    from app.models import load_candidate
     from importer.cli import ImportRequest, import_checkpoint
     from store.artifact_store import LocalArtifactStore
+    from store.catalog import discover
 
     with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
         root = Path(tmp)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         candidates, _, _ = discover(store, root / "evals.duckdb")
         candidate = next(c for c in candidates if c.id == result["checkpoint_key"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        loaded = load_candidate(store, candidate, device, candidates)
+        loaded = load_candidate(store, candidate, device)
         t3 = time.perf_counter()
         dtype = default_dtype(torch.device(device))
         print(f"app load: {t3 - t2:.1f} s (download from the store + build), device {device}, dtype {dtype}, "

@@ -34,9 +34,16 @@ import torch
 from importer.hub import Source, SourceError, parse_source, read_card_metadata
 from importer.layout import IMPORT_PHASES, Layout, LayoutError, find_layout, phase_from_meta
 from importer.scores import card_scores, comparison_table, history_scores
-from importer.verify import VerificationError, check_fetched, check_listing, read_meta, verify
-from nanochat.checkpoint_manager import PHASE_DIRS, meta_path, model_path
-from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME
+from importer.verify import VerificationError, Verified, check_fetched, check_listing, read_meta, verify
+from nanochat.checkpoint_manager import (
+    PHASE_DIRS,
+    atomic_json_save,
+    meta_path,
+    model_path,
+    tokenizer_record,
+    with_tokenizer,
+)
+from nanochat.tokenizer import PKL_NAME, TOKEN_BYTES_NAME, fingerprint
 from store import eval_store, home, keys
 from store.artifact_store import ArtifactStore, ArtifactStoreError, artifact_store_from_url
 
@@ -97,7 +104,7 @@ def import_checkpoint(req: ImportRequest, store: ArtifactStore, db_path: str | o
     checkpoint_dir = base_dir / PHASE_DIRS[phase] / tag
     info = {"source": source.describe(), "revision": listing.revision, "name": name, "phase": phase,
             "step": layout.step, "model_tag": tag, "num_params": num_params, "files": layout.files()}
-    stage_files(layout, paths, verified.tokenizer, verified.token_bytes, checkpoint_dir, base_dir / "tokenizer")
+    stage_files(layout, paths, verified, tokenizer_key(name), checkpoint_dir, base_dir / "tokenizer")
     (checkpoint_dir / IMPORT_INFO).write_text(json.dumps(info, indent=2))
     del verified  # the eval subprocess loads its own copy; never hold two
     card = read_card_metadata(paths[layout.card]) if layout.card else None
@@ -129,15 +136,17 @@ def import_checkpoint(req: ImportRequest, store: ArtifactStore, db_path: str | o
     return result
 
 
-def stage_files(layout: Layout, paths: dict[str, Path], tokenizer, token_bytes: torch.Tensor, checkpoint_dir: Path,
+def stage_files(layout: Layout, paths: dict[str, Path], verified: Verified, tok_key: str, checkpoint_dir: Path,
                 tokenizer_dir: Path) -> None:
-    """Lay the verified files out in our names; hard links where possible (a multi-GB model is not copied)."""
+    """Lay the verified files out in our names; hard links where possible (a multi-GB model is not copied). The meta
+    gains the record of the tokenizer it is published with (key and fingerprint: the app serves exactly that one)."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     _link_or_copy(paths[layout.model], model_path(checkpoint_dir, layout.step))
-    _link_or_copy(paths[layout.meta], meta_path(checkpoint_dir, layout.step))
+    record = tokenizer_record(tok_key, fingerprint(verified.tokenizer))
+    atomic_json_save(with_tokenizer(verified.meta, record), meta_path(checkpoint_dir, layout.step))
     _link_or_copy(paths[layout.tokenizer], tokenizer_dir / PKL_NAME)
-    torch.save(token_bytes, tokenizer_dir / TOKEN_BYTES_NAME)
+    torch.save(verified.token_bytes, tokenizer_dir / TOKEN_BYTES_NAME)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from importer.layout import Layout
-from nanochat.checkpoint_manager import CheckpointError, model_from_state_dict
+from nanochat.checkpoint_manager import CheckpointError, check_tokenizer, model_from_state_dict
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
 
@@ -165,6 +165,10 @@ def verify(layout: Layout, paths: dict[str, Path], meta: dict) -> Verified:
         raise VerificationError(f"vocab mismatch: {layout.tokenizer} has {vocab:,} tokens, the model "
                                 f"({layout.model}) {config.vocab_size:,}: the tokenizer is not the one this model "
                                 "was trained with; ship the training run's tokenizer.pkl beside it")
+    try:  # a checkpoint that records its tokenizer (one of ours, re-imported): the shipped one must be that one
+        check_tokenizer(meta, tokenizer, layout.meta, layout.tokenizer)
+    except CheckpointError as e:
+        raise VerificationError(str(e)) from e
     if layout.token_bytes:
         try:
             token_bytes = torch.load(paths[layout.token_bytes], map_location="cpu", weights_only=True)

@@ -278,8 +278,9 @@ def model_from_state_dict(model_data: dict, model_config: dict, device, source: 
 
 
 def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str = "eval", tokenizer=None,
-                allow_nonfinite: bool = False):
-    """Load (model, tokenizer, meta). phase 'eval' puts the model in eval mode, 'train' in train mode."""
+                allow_nonfinite: bool = False, tokenizer_source: str | None = None):
+    """Load (model, tokenizer, meta). phase 'eval' puts the model in eval mode, 'train' in train mode. The tokenizer
+    must be the one meta records, when it records one (check_tokenizer); tokenizer_source names it in errors."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     # The config is checked (fields, implied memory) before the model file is even opened.
@@ -292,7 +293,7 @@ def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str
     model = model_from_state_dict(model_data, meta["model_config"], device, model_path(checkpoint_dir, step),
                                   allow_nonfinite)
     model.train() if phase == "train" else model.eval()
-    source = "the tokenizer passed in"
+    source = tokenizer_source or "the tokenizer passed in"
     if tokenizer is None:
         from nanochat.tokenizer import PKL_NAME, get_tokenizer
 
@@ -304,7 +305,54 @@ def build_model(checkpoint_dir: str | os.PathLike, step: int, device, phase: str
             "tokenizer. Use the tokenizer of the run that trained it (NANOCHAT_BASE_DIR/tokenizer/), or train "
             f"the model again on this tokenizer"
         )
+    check_tokenizer(meta, tokenizer, f"{checkpoint_dir} step {step}", source)
     return model, tokenizer, meta
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer a checkpoint was trained with: meta["tokenizer"] = {"key": ..., "fingerprint": ...}. The key is
+# where that tokenizer is published (store/keys.py builds it; to nanochat it is a label); the fingerprint is
+# nanochat.tokenizer.fingerprint of it. Whoever publishes a checkpoint adds the record (orchestration/workspace.py,
+# importer/cli.py, importer/demo.py): a training entry point does not know where its tokenizer is published.
+
+TOKENIZER_FIELD = "tokenizer"
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def tokenizer_record(key: str, fingerprint: str) -> dict:
+    if not isinstance(key, str) or not key or not _FINGERPRINT.fullmatch(str(fingerprint)):
+        raise ValueError(f"a tokenizer record needs a key and a 64-hex-digit fingerprint, got {key!r}, {fingerprint!r}")
+    return {"key": key, "fingerprint": fingerprint}
+
+
+def with_tokenizer(meta: dict, record: dict) -> dict:
+    """meta naming the tokenizer its model was trained with (a record from tokenizer_record)."""
+    return {**meta, TOKENIZER_FIELD: tokenizer_record(record["key"], record["fingerprint"])}
+
+
+def recorded_tokenizer(meta: dict, where: str) -> dict | None:
+    """meta's tokenizer record {"key", "fingerprint"}; None for a checkpoint saved before checkpoints recorded it."""
+    record = meta.get(TOKENIZER_FIELD)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str) or not _FINGERPRINT.fullmatch(
+            str(record.get("fingerprint"))):
+        raise CheckpointError(f"{where}: meta field {TOKENIZER_FIELD!r} must be {{\"key\": str, \"fingerprint\": 64 "
+                              f"hex digits}}, got {short(record, 120)}")
+    return record
+
+
+def check_tokenizer(meta: dict, tokenizer, where: str, source: str) -> None:
+    """Refuse a tokenizer other than the one meta records (same vocab size or not): its ids mean other text."""
+    from nanochat.tokenizer import fingerprint
+
+    record = recorded_tokenizer(meta, where)
+    if record is None or (actual := fingerprint(tokenizer)) == record["fingerprint"]:
+        return
+    raise CheckpointError(
+        f"tokenizer mismatch: {where} was trained with tokenizer {record['key']} (fingerprint "
+        f"{record['fingerprint'][:12]}), not {source} (fingerprint {actual[:12]}, {tokenizer.get_vocab_size():,} "
+        f"tokens): its ids would decode to other text. Serve it with the tokenizer it records ({record['key']})")
 
 
 # -----------------------------------------------------------------------------

@@ -241,6 +241,18 @@ def eval_dtype(device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
 
 
+SERVING_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def serving_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtype:
+    """The dtype a served model's weights are cast to (GPT.prepare_for_inference): 'auto' is default_dtype's rule,
+    bf16 on CUDA and on CPUs with bf16 hardware (decode at batch 1 streams every weight per token, so half the bytes
+    is the lever there), fp32 elsewhere (AVX2-only CPUs emulate bf16 matmuls ~100x slower)."""
+    if dtype not in SERVING_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(SERVING_DTYPES)}; got {dtype!r}")
+    return getattr(torch, default_dtype(torch.device(device)) if dtype == "auto" else dtype)
+
+
 def autocast_for(device: torch.device, dtype: str = ""):
     """bf16 autocast where the hardware has it (see default_dtype); fp32 elsewhere."""
     dtype = dtype or default_dtype(device)

@@ -95,14 +95,26 @@ def use_calculator(expr: str) -> int | float | None:
 
 class KVCache:
     """
-    Keys and values of every layer, shape (n_layer, 2, B, n_kv_head, T, head_dim), allocated on first use
-    with the dtype/device of the first keys. `pos` advances after the last layer inserts.
+    Keys and values of every layer, shape (n_layer, 2, B, n_kv_head, T, head_dim), allocated once at the full
+    length: at construction when dtype is given (the Engine), else on first use with the dtype/device of the first
+    keys. It never grows (an insert past the end is an error), so a decode step writes in place and copies nothing
+    else. `pos` advances after the last layer inserts. `rotary` may hold the model's rotary tables for the cache's
+    positions (GPT.rotary_tables), which the model then uses instead of converting its own every step.
     """
 
-    def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int):
+    def __init__(self, batch_size: int, num_heads: int, seq_len: int, head_dim: int, num_layers: int,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         self.kv_shape = (num_layers, 2, batch_size, num_heads, seq_len, head_dim)
         self.kv_cache: torch.Tensor | None = None
+        self.rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pos = 0
+        if dtype is not None:
+            self._allocate(dtype, device)
+
+    def _allocate(self, dtype: torch.dtype, device) -> None:
+        self.kv_cache = torch.empty(self.kv_shape, dtype=dtype, device=device)
+        # Per-layer views, made once: a decode step indexes no more than a time slice of them.
+        self.keys, self.values = self.kv_cache[:, 0].unbind(0), self.kv_cache[:, 1].unbind(0)
 
     def reset(self) -> None:
         self.pos = 0
@@ -111,8 +123,8 @@ class KVCache:
         return self.pos
 
     def prefill(self, other: KVCache) -> None:
-        """Copy another cache's filled prefix into this (empty) one, broadcasting batch 1 to batch N."""
-        if self.kv_cache is not None:
+        """Copy another cache's filled prefix into this (unused) one, broadcasting batch 1 to batch N."""
+        if self.pos:
             raise RuntimeError("prefill() needs an empty cache")
         if other.kv_cache is None:
             raise RuntimeError("prefill() source cache is empty")
@@ -124,31 +136,23 @@ class KVCache:
             raise ValueError(f"cannot broadcast a batch-{o_batch} cache to batch {batch}")
         if seq_len < other.pos:
             raise ValueError(f"cache of length {seq_len} cannot hold a {other.pos}-token prefix")
-        self.kv_cache = torch.empty(self.kv_shape, dtype=other.kv_cache.dtype, device=other.kv_cache.device)
+        if self.kv_cache is None:
+            self._allocate(other.kv_cache.dtype, other.kv_cache.device)
         self.kv_cache[:, :, :, :, : other.pos] = other.kv_cache[:, :, :, :, : other.pos]
         self.pos = other.pos
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_cache is None:
-            self.kv_cache = torch.empty(self.kv_shape, dtype=k.dtype, device=k.device)
-        T_add = k.size(2)
-        t0, t1 = self.pos, self.pos + T_add
-        if t1 > self.kv_cache.size(4):
-            # Grow the time dimension with headroom, in multiples of 1024, rather than per token.
-            new_len = ((t1 + 1024) + 1023) // 1024 * 1024
-            grown = torch.empty(
-                (*self.kv_cache.shape[:4], new_len, self.kv_cache.size(5)),
-                dtype=self.kv_cache.dtype,
-                device=self.kv_cache.device,
-            )
-            grown[:, :, :, :, :t0] = self.kv_cache[:, :, :, :, :t0]
-            self.kv_cache = grown
-            self.kv_shape = tuple(grown.shape)
-        self.kv_cache[layer_idx, 0, :, :, t0:t1] = k
-        self.kv_cache[layer_idx, 1, :, :, t0:t1] = v
-        if layer_idx == self.kv_cache.size(0) - 1:
+            self._allocate(k.dtype, k.device)
+        t0, t1 = self.pos, self.pos + k.size(2)
+        if t1 > self.kv_shape[4]:
+            raise ValueError(f"KV cache full: {t1} positions asked of a cache sized for {self.kv_shape[4]}")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, t0:t1] = k
+        values[:, :, t0:t1] = v
+        if layer_idx == self.kv_shape[0] - 1:
             self.pos = t1
-        return self.kv_cache[layer_idx, 0, :, :, :t1], self.kv_cache[layer_idx, 1, :, :, :t1]
+        return keys[:, :, :t1], values[:, :, :t1]
 
 
 # -----------------------------------------------------------------------------
@@ -186,8 +190,17 @@ class Engine:
         return list(tokens)
 
     def _kv_cache(self, batch_size: int, seq_len: int) -> KVCache:
-        c = self.model.config
-        return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+        """A cache allocated now at its full length, in the dtype the model computes keys in (the autocast dtype
+        if autocast is on, else its weights'), with the rotary tables of its positions when the model has them."""
+        c, device = self.model.config, self.model.get_device()
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        cache = KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer, dtype, device)
+        if hasattr(self.model, "rotary_tables"):
+            cache.rotary = self.model.rotary_tables(seq_len, dtype)
+        return cache
 
     def _advance_tool_state(self, state: RowState, token: int) -> None:
         """The calculator state machine: collect tokens between python_start/end, queue the result."""

@@ -59,8 +59,13 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head (not interleaved pairs); x is (B, T, H, D), cos/sin (1, T, 1, D/2)."""
+    """Rotate the two halves of each head (not interleaved pairs); x is (B, T, H, D), cos/sin (1, T, 1, D/2), or
+    the serving tables (1, T, 1, D) from GPT.rotary_tables: [cos, cos] and [sin, -sin] in x's dtype."""
     d = x.shape[3] // 2
+    if cos.size(-1) == x.size(-1):
+        # The same products and sums as below, bit for bit (y2 adds the same two terms the other way round), in
+        # 4 kernels instead of 8 and without converting the bf16 tables on every decode step.
+        return x * cos + torch.cat([x[..., d:], x[..., :d]], dim=3) * sin
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
     y2 = x1 * (-sin) + x2 * cos
@@ -79,15 +84,37 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+        # Set by fuse_qkv() for inference: one (H + 2 Hkv) x D by n_embd matrix whose row blocks c_q, c_k and c_v's
+        # weights are views of. Non-persistent: checkpoints keep the three separate keys.
+        self.register_buffer("qkv_weight", None, persistent=False)
+
+    def fuse_qkv(self) -> None:
+        """One matmul for q, k and v instead of three; the parameters become views of the fused matrix, so the
+        state dict (keys, shapes, values) is unchanged and load_state_dict still writes through to it. Called again
+        (after a cast or a move), it rebuilds the fused matrix from the parameters as they are."""
+        fused = torch.cat([self.c_q.weight.detach(), self.c_k.weight.detach(), self.c_v.weight.detach()])
+        nq, nk = self.c_q.weight.size(0), self.c_k.weight.size(0)
+        self.c_q.weight = nn.Parameter(fused[:nq], requires_grad=False)
+        self.c_k.weight = nn.Parameter(fused[nq : nq + nk], requires_grad=False)
+        self.c_v.weight = nn.Parameter(fused[nq + nk :], requires_grad=False)
+        self.qkv_weight = fused
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv_cache=None) -> torch.Tensor:
         B, T, _ = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         cos, sin = cos_sin
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)
+        if self.qkv_weight is not None:
+            # Inference: one matmul, then rotary and QK-norm on queries and keys together (both act per head).
+            qkv = F.linear(x, self.qkv_weight)
+            qk = norm(apply_rotary_emb(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin))
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D)
+        else:
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, Hkv, D)
+            v = self.c_v(x).view(B, T, Hkv, D)
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+            q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
         if kv_cache is not None:
@@ -149,6 +176,7 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary(self.rotary_seq_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("lm_head_t", None, persistent=False)  # prepare_for_inference's decode layout
 
     def init_weights(self) -> None:
         """The original init: scaled normal Linears, N(0,1) embedding, zeroed output projections and lm_head."""
@@ -188,6 +216,32 @@ class GPT(nn.Module):
         # Stored in bf16 as the original does, so logits match its checkpoints bit for bit in spirit.
         cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
         return cos[None, :, None, :], sin[None, :, None, :]
+
+    def prepare_for_inference(self, dtype: torch.dtype) -> GPT:
+        """Serving form, done once at load: weights cast to dtype (no autocast needed), q/k/v fused, eval mode.
+        State-dict keys and shapes are unchanged; the model is for inference only afterwards. Call it again after
+        loading other weights (the fused q/k/v follow load_state_dict, the fp32 lm_head copy does not)."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.requires_grad_(False)
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+        for block in self.transformer.h:
+            block.attn.fuse_qkv()
+        # fp32 on CPU: F.linear of one row against the (vocab, n_embd) lm_head ran at half the speed of x @ W^T
+        # stored contiguous, and of 2-8 rows at half the speed of W @ x^T (MKL, docs/performance.md). Keeping
+        # both layouts costs one more copy of lm_head (bf16 and CUDA paths were not measured: F.linear there).
+        fp32_cpu = dtype == torch.float32 and self.get_device().type == "cpu"
+        self.lm_head_t = self.lm_head.weight.detach().t().contiguous() if fp32_cpu else None
+        return self.eval()
+
+    def rotary_tables(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of positions [0, seq_len) in apply_rotary_emb's one-pass form, in dtype: computed
+        once per KV cache rather than converted on every decode step."""
+        if seq_len > self.cos.size(1):
+            raise ValueError(f"{seq_len} positions exceed the rotary table ({self.cos.size(1)} positions)")
+        cos, sin = self.cos[:, :seq_len], self.sin[:, :seq_len]
+        return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, -sin], dim=-1).to(dtype)
 
     def get_device(self) -> torch.device:
         return self.transformer.wte.weight.device
@@ -265,11 +319,13 @@ class GPT(nn.Module):
         few positions (CORE scores continuation tokens) unembed just those."""
         T = idx.size(1)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(1):
-            raise ValueError(
-                f"sequence of {T0 + T} tokens exceeds the rotary table ({self.cos.size(1)} positions)"
-            )
-        cos_sin = self.cos[:, T0 : T0 + T], self.sin[:, T0 : T0 + T]
+        # A KV cache may carry its own tables (GPT.rotary_tables, built by the Engine for the cache's length).
+        rotary = getattr(kv_cache, "rotary", None)
+        cos, sin = rotary or (self.cos, self.sin)
+        if T0 + T > cos.size(1):
+            where = "the KV cache" if rotary else "the rotary table"
+            raise ValueError(f"sequence of {T0 + T} tokens exceeds {where} ({cos.size(1)} positions)")
+        cos_sin = cos[:, T0 : T0 + T], sin[:, T0 : T0 + T]
         x = self.transformer.wte(idx)
         if x.dtype != self.lm_head.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             # A bf16 embedding (as on CUDA) feeding fp32 layers without autocast: match the layers' dtype.
@@ -282,7 +338,13 @@ class GPT(nn.Module):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits of hidden states x (..., n_embd)."""
-        logits = self.lm_head(x)
+        rows = x.numel() // x.size(-1)
+        if self.lm_head_t is not None and rows <= 8:  # decode in the serving form: see prepare_for_inference
+            x2 = x.reshape(rows, x.size(-1))
+            logits = x2 @ self.lm_head_t if rows == 1 else (self.lm_head.weight @ x2.t()).t()
+            logits = logits.reshape(*x.shape[:-1], logits.size(-1))
+        else:
+            logits = self.lm_head(x)
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
     @torch.inference_mode()

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autodetect_device_type
+from nanochat.common import SERVING_DTYPES, autodetect_device_type, serving_dtype
 from nanochat.engine import Engine
 
 
@@ -30,12 +30,15 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--chat", action="store_true", help="treat each prompt as a user message")
     parser.add_argument("--device-type", default="")
+    parser.add_argument("--dtype", default="auto", choices=SERVING_DTYPES,
+                        help="weights' dtype (auto: bf16 on CUDA and bf16-capable CPUs, else fp32)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device_type or autodetect_device_type())
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     score = {k: meta[k] for k in ("val_bpb", "val_loss") if meta.get(k) is not None}
-    print(f"loaded {args.source} checkpoint step {meta.get('step')} {score}")
+    model.prepare_for_inference(serving_dtype(device, args.dtype))
+    print(f"loaded {args.source} checkpoint step {meta.get('step')} {score}, {model.lm_head.weight.dtype}")
     engine = Engine(model, tokenizer)
     outputs = []
     for prompt in args.prompt or ["The meaning of life is"]:

@@ -11,6 +11,8 @@ In both, the 256 byte tokens and the merges come first and the 9 special tokens 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import pickle
 import warnings
@@ -406,6 +408,25 @@ def save_token_bytes(tokenizer: Tokenizer, tokenizer_dir: str | os.PathLike) -> 
     token_bytes = compute_token_bytes(tokenizer)
     atomic_write(Path(tokenizer_dir) / TOKEN_BYTES_NAME, lambda f: torch.save(token_bytes, f))
     return token_bytes
+
+
+def fingerprint(tokenizer: RustBPETokenizer | HuggingFaceTokenizer) -> str:
+    """
+    sha256 (hex) of what decides which ids a text becomes: for tiktoken, the split pattern, every mergeable token
+    with its rank and every special token with its id; for `tokenizers`, its JSON with sorted keys. Not the hash of
+    tokenizer.pkl's bytes: the same tokenizer re-pickled (another protocol, another Encoding name) or published again
+    under another key keeps its fingerprint, while two tokenizers of the same vocab size never share one.
+    Checkpoints record it (nanochat.checkpoint_manager.tokenizer_record) so a wrong tokenizer is refused at load.
+    """
+    digest = hashlib.sha256()
+    if isinstance(tokenizer, RustBPETokenizer):
+        enc = tokenizer.enc
+        digest.update(json.dumps({"pattern": enc._pat_str, "special": enc._special_tokens}, sort_keys=True).encode())
+        for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda item: item[1]):
+            digest.update(b"%d:%d:" % (rank, len(token)) + token)  # length-prefixed: the stream parses one way only
+    else:
+        digest.update(json.dumps(json.loads(tokenizer.tokenizer.to_str()), sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> RustBPETokenizer | HuggingFaceTokenizer:

@@ -86,6 +86,7 @@ class ResumePoints:
     prefix: str
     checkpoint_dir: Path
     world_size: int
+    tokenizer: dict  # the record each published step's meta carries (nanochat.checkpoint_manager.tokenizer_record)
     restored: int = -1  # the step restore() fetched (-1: none)
 
     def published_steps(self) -> list[int]:
@@ -117,7 +118,7 @@ class ResumePoints:
         directory (the newest is enough; at d20 every save is ~4.7 GB, and a run saves ~40 times).
         """
         info = publish_checkpoint(self.store, self.checkpoint_dir, step, step_key(self.prefix, step), staging,
-                                  include_optimizer=True)
+                                  self.tokenizer, include_optimizer=True)
         for older in self.published_steps():
             if older < step:
                 self.store.delete_prefix(step_key(self.prefix, older))
@@ -131,13 +132,13 @@ class ResumePoints:
 
 
 def points_for(context, store: ArtifactStore, profile, stage: str, module: str, args: list[str],
-               inputs: dict[str, str], world_size: int, checkpoint_dir: Path) -> ResumePoints:
+               inputs: dict[str, str], world_size: int, checkpoint_dir: Path, tokenizer: dict) -> ResumePoints:
     """The resume points of a stage in this run's partition (its profile), for these inputs and this command."""
     partition = context.partition_key if context.has_partition_key else profile.name.value
     # The asset's code_version too: bumping it is how a change to the training code says "do not resume".
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     key = prefix_for(partition, stage, fingerprint(module, args, {**inputs, "code_version": code_version}, world_size))
-    return ResumePoints(store, key, checkpoint_dir, world_size)
+    return ResumePoints(store, key, checkpoint_dir, world_size, tokenizer)
 
 
 def clear(points: ResumePoints, log) -> int:

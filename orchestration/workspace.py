@@ -17,7 +17,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from nanochat.checkpoint_manager import PHASE_DIRS, step_files
+from nanochat.checkpoint_manager import (
+    PHASE_DIRS,
+    atomic_json_save,
+    meta_path,
+    read_meta,
+    step_files,
+    tokenizer_record,
+    with_tokenizer,
+)
+from nanochat.tokenizer import fingerprint, load_tokenizer
 from orchestration.partitions import require_upstreams, upstream_metadata
 from store.artifact_store import ArtifactStore, ArtifactStoreError
 from store.home import workspace_dir
@@ -72,10 +81,16 @@ def fetch_inputs(context, store: ArtifactStore, inputs: dict[str, str], run_dir:
     return fetched
 
 
-def publish_checkpoint(
-    store: ArtifactStore, checkpoint_dir: Path, step: int, key: str, staging: Path, include_optimizer: bool = False
-):
-    """Upload one saved step (model + meta, and optimizer shards if asked) as a directory artifact."""
+def tokenizer_record_of(fetched: dict, tokenizer_dir: Path) -> dict:
+    """The record a stage's checkpoints carry (nanochat.checkpoint_manager): the key its tokenizer was fetched from
+    and the fingerprint of the files it trained with."""
+    return tokenizer_record(fetched["key"], fingerprint(load_tokenizer(tokenizer_dir)))
+
+
+def publish_checkpoint(store: ArtifactStore, checkpoint_dir: Path, step: int, key: str, staging: Path,
+                       tokenizer: dict, include_optimizer: bool = False):
+    """Upload one saved step (model + meta naming its tokenizer, and optimizer shards if asked) as a directory
+    artifact. Required, so that no published checkpoint leaves the app guessing which tokenizer it needs."""
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
@@ -84,6 +99,8 @@ def publish_checkpoint(
         if not src.exists():
             raise dg.Failure(f"training reported step {step} but {src} is missing")
         os.link(src, staging / name)  # a hard link: no copy of a multi-GB file
+    # Renamed over the link: the run directory's meta stays as training wrote it.
+    atomic_json_save(with_tokenizer(read_meta(checkpoint_dir, step), tokenizer), meta_path(staging, step))
     return store.put_dir(staging, key)
 
 

@@ -1,7 +1,9 @@
 """
 Reading the eval history (store/eval_store.py owns the schema and the writers): what `nanochat-evals`
-prints and what the chat app shows (its Scores tab and the scores in its model picker). Plain functions over a
-duckdb connection opened with `eval_store.connect_ro`; lists of dicts, no pandas; no Dagster.
+prints and what the chat app shows (its Scores tab, grouped by `series_groups`, and the scores in its model
+picker). Plain functions over a duckdb connection opened with `eval_store.connect_ro` (the app opens its short
+ones through `read_history`, which turns a missing, busy or unreadable file into a message); lists of dicts, no
+pandas; no Dagster.
 
 Documented SQL (run it with `nanochat-evals sql "..."` or any DuckDB client opened read-only):
 
@@ -35,14 +37,17 @@ ORDER BY depth;
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
-from typing import Any
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
 
 import duckdb
 
-from store.eval_store import AGGREGATE_TASK
+from store import eval_store
+from store.eval_store import AGGREGATE_TASK, LOSS_TASKS
 
-BEST_BY = ("depth", "profile", "stage", "task")
+T = TypeVar("T")
 
 BEST_BY = ("depth", "profile", "stage", "task")
 
@@ -207,6 +212,46 @@ def checkpoint_scores(conn: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
         inherited = base_core.get(c["run_id"], {}) if c["stage"] != "base" else {}
         c["scores"] = {**inherited, **own.get((c["run_id"], c["stage"], c["checkpoint_id"]), {})}
     return checkpoints
+
+
+# The groups the app's Scores tab lists series under: the aggregates, CORE's per-task results (measured on base
+# checkpoints) apart from ChatCORE's (mid and SFT checkpoints), and loss / bits per byte.
+SCORE_GROUPS = ("Headline", "CORE tasks", "ChatCORE tasks", "Loss and bpb")
+
+
+def series_groups(conn: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[str, str]]]:
+    """Every (task, metric) recorded, under its group (SCORE_GROUPS order; empty groups left out)."""
+    rows = conn.execute("SELECT task, metric, bool_or(stage = 'base') FROM eval_results GROUP BY task, metric")
+    groups: dict[str, list[tuple[str, str]]] = {group: [] for group in SCORE_GROUPS}
+    for task, metric, on_base in sorted(rows.fetchall()):
+        group = ("Headline" if task == AGGREGATE_TASK else "Loss and bpb" if task in LOSS_TASKS
+                 else "CORE tasks" if on_base else "ChatCORE tasks")
+        groups[group].append((task, metric))
+    return {group: pairs for group, pairs in groups.items() if pairs}
+
+
+class HistoryUnavailable(RuntimeError):
+    """The eval history cannot be read now; the message says why, in words for a person. busy: a writer holds it."""
+
+    def __init__(self, message: str, busy: bool = False):
+        super().__init__(message)
+        self.busy = busy
+
+
+def read_history(db_path: str | os.PathLike, query: Callable[[duckdb.DuckDBPyConnection], T], retries: int = 3) -> T:
+    """query(conn) on a short read-only connection, for a reader that must keep going (the chat app): a missing,
+    busy (retried briefly) or unreadable file is a HistoryUnavailable, never a crash."""
+    path = Path(db_path)
+    if not path.exists():
+        raise HistoryUnavailable(f"no eval history at `{path}` yet")
+    try:
+        with eval_store.connect_ro(path, retries=retries, backoff=0.1, max_backoff=0.5) as conn:
+            eval_store.check_schema(conn)
+            return query(conn)
+    except eval_store.DatabaseLockedError as e:
+        raise HistoryUnavailable("the eval history is busy (a pipeline run is writing to it)", busy=True) from e
+    except (duckdb.Error, eval_store.SchemaVersionError, OSError) as e:
+        raise HistoryUnavailable(f"cannot read the eval history at `{path}`: {type(e).__name__}: {e}") from e
 
 
 def resolve_run(conn: duckdb.DuckDBPyConnection, run: str) -> str:

@@ -17,9 +17,10 @@ DuckDB admits one read-write process or many read-only ones, never both at once.
 
 Conventions: stages are base, mid and sft. Aggregate scores (CORE, ChatCORE) are recorded under the
 pseudo-task `AGGREGATE_TASK` ("all"), per-task numbers under the task's name (metrics `accuracy` and
-`centered`). An aggregate over part of its suite carries its coverage in the metric name: `CORE[18/22]` when
-4 of the 22 CORE tasks had no data, `ChatCORE[5/6]`; such a score is a different metric and is never compared
-with a full `CORE`. Times are naive UTC.
+`centered`), loss and bits per byte under `LOSS_TASKS` ("validation" from training, "bpb" from base_eval).
+An aggregate over part of its suite carries its coverage in the metric name: `CORE[18/22]` when 4 of the 22
+CORE tasks had no data, `ChatCORE[5/6]`; such a score is a different metric and is never compared with a full
+`CORE`. Times are naive UTC.
 
 The readers (history, compare, best, latest, the app's queries) and the documented SQL are in
 store/eval_queries.py.
@@ -43,6 +44,7 @@ import duckdb
 
 STAGES = ("base", "mid", "sft")
 AGGREGATE_TASK = "all"
+LOSS_TASKS = ("validation", "bpb")
 
 # Ordered and append-only: MIGRATIONS[i] takes the database from version i to i + 1. Never edit a shipped entry.
 # No foreign keys on purpose: assets record in whatever order they run (results may land before their run or

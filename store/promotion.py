@@ -18,6 +18,7 @@ from store.artifact_store import ArtifactStore, validate_key
 from store.keys import LATEST_KEY, history_key, profile_pointer_key
 
 POINTER_VERSION = 1
+STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # promoted_at and the history entries' names: UTC, sorts as text
 
 
 def read_pointer(store: ArtifactStore, key: str = LATEST_KEY) -> dict[str, Any] | None:
@@ -81,7 +82,7 @@ def write_pointer(store: ArtifactStore, pointer: dict[str, Any]) -> dict[str, st
         key = pointer[part]["key"]
         if not store.is_published(key):
             raise ValueError(f"cannot promote: the {part} artifact {store.uri(key)} is not (completely) published")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(timezone.utc).strftime(STAMP_FORMAT)
     pointer = {**pointer, "version": POINTER_VERSION, "promoted_at": pointer.get("promoted_at") or stamp}
     keys = {
         "history": history_key(stamp, pointer["checkpoint"]["sha256"]),

@@ -43,6 +43,14 @@ def small_tokenizer(shared_data):
 
 
 @pytest.fixture(scope="session")
+def other_tokenizer(shared_data):
+    """Another 512-token RustBPE tokenizer (trained on shard 1): the vocab size of `small_tokenizer`, other ids."""
+    from nanochat.tokenizer import RustBPETokenizer
+
+    return RustBPETokenizer.train_from_iterator(iter(shard_texts(shared_data, 1, 1_000_000)), 512)
+
+
+@pytest.fixture(scope="session")
 def tokenizer_base_dir(tmp_path_factory, small_tokenizer):
     """A NANOCHAT_BASE_DIR holding only tokenizer/ (tokenizer.pkl + token_bytes.pt) of `small_tokenizer`."""
     from nanochat.tokenizer import save_token_bytes

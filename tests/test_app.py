@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -27,24 +29,35 @@ from app.chat import (
     Reply,
     build_prompt,
     clean_message,
+    default_max_tokens,
     inline_code,
     render_markdown,
     reply_room,
     stream_reply,
 )
-from app.demo import build_demo
-from app.models import ModelManager, discover, local_candidate
+from app.models import ModelManager
 from app.scores import read_scores
-from app.ui import generate, new_session, respond
-from nanochat.checkpoint_manager import save_checkpoint
+from app.ui import EXAMPLES, generate, new_session, respond, undo
+from importer.demo import build_demo
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    meta_path,
+    read_meta,
+    recorded_tokenizer,
+    save_checkpoint,
+    tokenizer_record,
+)
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
+from nanochat.tokenizer import fingerprint
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
+from store.catalog import discover, local_candidate
 from store.promotion import read_pointer, write_pointer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE_LEN = 256
+TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"  # app.TIME_FORMAT: 24-hour (UTC)
 
 
 # -----------------------------------------------------------------------------
@@ -68,7 +81,10 @@ def demo(tmp_path_factory, small_tokenizer):
         run = v1["key"].rsplit("/", 1)[1]
         eval_store.record_eval_results(conn, run, "sft", v1["sha256"], {"all": {"ChatCORE[5/6]": 0.1234}},
                                        profile="demo", depth=1)
-        eval_store.record_eval_results(conn, run, "base", "base-of-v1", {"all": {"CORE[18/22]": 0.0567}},
+        eval_store.record_eval_results(conn, run, "base", "base-of-v1", {"all": {"CORE[18/22]": 0.0567},
+                                                                          "hellaswag": {"accuracy": 0.31}},
+                                       profile="demo", depth=1)
+        eval_store.record_eval_results(conn, run, "sft", v1["sha256"], {"ARC-Easy": {"accuracy": 0.28}},
                                        profile="demo", depth=1)
     return {**out, "root": root, "v1": v1, "v2": v2}
 
@@ -221,6 +237,9 @@ def test_multi_turn_regenerate_new_chat_and_export(server, demo):
                                                                                   "Second question?"]
     assert len(document["replies"]) == 2 and document["replies"][-1]["sha256"] == server.health()["checkpoint"][
         "sha256"]
+    message, messages, status = client.predict(api_name="/undo")  # back into the textbox, as gr.ChatInterface does
+    assert message == "Second question?" and [text_of(m) for m in messages[:1]] == ["First question?"]
+    assert len(messages) == 2 and "Took back" in status
     messages, status, _ = client.predict(api_name="/new_chat")
     assert messages == [] and "New chat" in status
     _, messages, _ = chat(client, "Fresh start")
@@ -297,6 +316,28 @@ def test_a_failing_request_shows_an_error_and_the_server_keeps_serving(server, m
     assert display[-1]["metadata"]["title"] == "⚠️ The reply failed: RuntimeError: simulated failure"
     assert state["messages"] == []  # the unanswered turn left the model's conversation
     assert "simulated failure" in status
+
+
+def test_the_default_max_tokens_leave_the_second_turn_its_context(manager):
+    default = default_max_tokens(SEQUENCE_LEN)
+    assert default < SEQUENCE_LEN and default_max_tokens(2048) == 512
+    state = new_session()
+    for question in ("Tell me a long story about the sea.", "And another one, longer?"):
+        *_, (_, display, state, status) = respond(manager, 8000, question, state, 1.0, 0, default)
+        assert "tok/s" in status and "left out of the context" not in status, status
+    assert [m["role"] for m in state["messages"]] == ["user", "assistant"] * 2
+    assert not [m for m in display if "metadata" in m]  # no truncation notice
+
+
+def test_undo_takes_back_the_last_exchange_only(manager):
+    *_, (_, display, state, _) = respond(ModelManager(None, None, "cpu"), 8000, "refused", new_session(), 0.7, 50, 8)
+    *_, (_, display, state, _) = respond(manager, 8000, "answered", state, 0.7, 50, 8)
+    assert [m["role"] for m in state["messages"]] == ["user", "assistant"] and len(state["replies"]) == 1
+    text, display, state, status = undo(state)
+    assert text == "answered" and state["messages"] == [] and state["replies"] == []
+    assert [m["content"] for m in display if m["role"] == "user"] == ["refused"]  # the earlier turn stays shown
+    text, display, state, _ = undo(state)
+    assert text == "refused" and display == [] and state["messages"] == []
 
 
 def test_stream_updates_are_batched_by_time(manager):
@@ -446,16 +487,17 @@ def test_discovery_lists_promoted_history_and_scores(demo):
     assert pointer["checkpoint"]["sha256"] == demo["v2"]["sha256"]
     assert [c.id for c in candidates] == [demo["v2"]["key"], demo["v1"]["key"]]
     promoted, older = candidates
-    assert promoted.promoted and promoted.source == "promoted" and older.source == "history"
+    assert promoted.source == "promoted" and older.source == "history"
     label = older.label()
-    assert label.startswith("sft demo d1 · step 40 · ") and "ChatCORE[5/6] 0.1234" in label
+    assert label.startswith("↩ earlier promotion · sft demo d1 · step 40 · ") and "ChatCORE[5/6] 0.1234" in label
     assert "CORE[18/22] 0.0567" in label  # the CORE of the same run's base checkpoint
-    assert promoted.label().startswith("★ sft demo d1 · step 80 · 20")  # a date
+    assert re.match(f"★ promoted · sft demo d1 · step 80 · {TIME} UTC", promoted.label())
 
 
 def test_switching_models_without_restart(server, demo):
     client = server.client()
-    picker, serving, status = client.predict(demo["v1"]["key"], api_name="/switch_model")
+    picker, serving, status, max_tokens = client.predict(demo["v1"]["key"], api_name="/switch_model")
+    assert max_tokens["value"] == default_max_tokens(SEQUENCE_LEN) < max_tokens["maximum"] == SEQUENCE_LEN
     assert "Switched to" in status and f"step {demo['v1']['step']}" in serving
     assert server.health()["checkpoint"]["sha256"] == demo["v1"]["sha256"]
     _, messages, status = chat(client, "hello v1")
@@ -466,17 +508,19 @@ def test_switching_models_without_restart(server, demo):
         client.predict("no/such/checkpoint", api_name="/switch_model")
 
 
-def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, demo, tmp_path):
+def test_a_checkpoint_that_fails_to_load_leaves_the_served_model_alone(server, demo, tmp_path, small_tokenizer):
     store, key = demo["store"], "sft_checkpoint/demo/d1/broken-run"
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_000001.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "broken" / "meta_000001.json").write_text("{}")
+    # A meta that names the demo's tokenizer and nothing else: the tokenizer loads, the model cannot.
+    record = tokenizer_record(demo["tokenizer"].key, fingerprint(small_tokenizer))
+    (tmp_path / "broken" / "meta_000001.json").write_text(json.dumps({"tokenizer": record}))
     store.put_dir(tmp_path / "broken", key)
     try:
         client = server.client()
         client.predict(api_name="/refresh_models")
-        picker, serving, status = client.predict(key, api_name="/switch_model")
-        # The meta is read first ("{}": no model_config), so the broken model file is never even opened.
+        picker, serving, status, _ = client.predict(key, api_name="/switch_model")
+        # The meta is read first (no model_config), so the broken model file is never even opened.
         assert "Could not load that model: CheckpointError:" in status and "no 'model_config'" in status
         health = server.health()
         assert health["status"] == "ok" and health["checkpoint"]["sha256"] == demo["v2"]["sha256"]
@@ -501,7 +545,7 @@ def test_a_new_promotion_is_offered_then_loaded(server, demo):
             time.sleep(0.2)
         assert server.health()["new_model_offered"] == demo["v1"]["key"]
         assert server.health()["checkpoint"]["sha256"] == demo["v2"]["sha256"]  # offered, not switched
-        _, serving, status = server.client().predict(api_name="/accept_new_model")
+        _, serving, status, _ = server.client().predict(api_name="/accept_new_model")
         health = server.health()
         assert health["checkpoint"]["sha256"] == demo["v1"]["sha256"] and health["new_model_offered"] is None
     finally:
@@ -592,6 +636,87 @@ def test_checkpoint_dir_from_the_command_line(tmp_path, tokenizer_base_dir, smal
         local_candidate(tmp_path / "missing")
 
 
+def published_copy(demo, tmp_path, monkeypatch) -> LocalArtifactStore:
+    """A copy of the demo's store, for a test that rewrites what is published."""
+    monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(demo["store"].root_path, tmp_path / "artifacts")
+    return LocalArtifactStore(root=str(tmp_path / "artifacts"))
+
+
+def test_a_checkpoint_is_served_only_with_the_tokenizer_its_meta_records(demo, tmp_path, monkeypatch,
+                                                                          other_tokenizer):
+    store = published_copy(demo, tmp_path, monkeypatch)
+    v2 = store.get_dir(demo["v2"]["key"])
+    record = recorded_tokenizer(read_meta(v2, demo["v2"]["step"]), demo["v2"]["key"])
+    assert record["key"] == demo["tokenizer"].key  # published with its record (as the pipeline publishes)
+    # From disk with another tokenizer of the same vocab size: refused, naming both; with its own: served.
+    other_tokenizer.save(tmp_path / "other")
+    manager = ModelManager(None, None, "cpu", local=local_candidate(v2, tmp_path / "other"))
+    with pytest.raises(CheckpointError, match="tokenizer mismatch") as info:
+        manager.load_default()
+    assert f"trained with tokenizer {record['key']}" in str(info.value) and str(tmp_path / "other") in str(info.value)
+    assert "unavailable: CheckpointError: tokenizer mismatch" in manager.candidates[0].label()
+    local = local_candidate(v2, store.get_dir(record["key"]))
+    assert ModelManager(None, None, "cpu", local=local).load_default().step == demo["v2"]["step"]
+    # The tokenizer it records, re-published under the same key with another one's files: refused too.
+    store.put_dir(tmp_path / "other", record["key"])
+    manager = ModelManager(store, None, "cpu")
+    assert manager.load_default() is None
+    assert all("tokenizer mismatch" in c.error for c in manager.candidates), [c.error for c in manager.candidates]
+
+
+def test_a_checkpoint_published_before_tokenizer_records(demo, tmp_path, monkeypatch):
+    """No guess: served with the tokenizer its promotion names, or from disk with --tokenizer-dir; else refused."""
+    store = published_copy(demo, tmp_path, monkeypatch)
+    step, old = demo["v1"]["step"], tmp_path / "old"
+    shutil.copytree(store.get_dir(demo["v1"]["key"]), old, ignore=shutil.ignore_patterns("manifest.json"))
+    meta = read_meta(old, step)
+    del meta["tokenizer"]
+    meta_path(old, step).write_text(json.dumps(meta))
+    key = "sft_checkpoint/demo/d1/before-records"
+    info = store.put_dir(old, key)
+    manager = ModelManager(store, None, "cpu")
+    manager.refresh()
+    with pytest.raises(CheckpointError, match=f"{key} does not record its tokenizer"):
+        manager.load(key)
+    label = next(c for c in manager.candidates if c.id == key).label()
+    assert "unavailable" in label and "re-publish it" in label and "--tokenizer-dir" in label
+    pointer = read_pointer(store)
+    pointer["checkpoint"] = {**pointer["checkpoint"], "key": key, "uri": info.uri, "sha256": info.sha256,
+                             "step": step}
+    pointer.pop("promoted_at")
+    write_pointer(store, pointer)  # promoted: the pointer names its tokenizer
+    manager.refresh()
+    loaded = manager.load(key)
+    assert loaded.candidate.source == "promoted" and loaded.sha256 == info.sha256
+    tokenizer_dir = store.get_dir(demo["tokenizer"].key)
+    assert ModelManager(None, None, "cpu", local=local_candidate(old, tokenizer_dir)).load_default().step == step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_flag_sets_the_served_weights(tmp_path, tokenizer_base_dir, small_tokenizer, dtype):
+    from app.__main__ import parse_args
+    from app.models import describe
+    from nanochat.gpt import GPT
+
+    assert parse_args([]).dtype == "auto" and parse_args(["--dtype", dtype]).dtype == dtype
+    with pytest.raises(SystemExit):
+        parse_args(["--dtype", "float16"])
+    shutil.copytree(tokenizer_base_dir / "tokenizer", tmp_path / "tokenizer")
+    config = GPTConfig(sequence_len=64, vocab_size=small_tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+                       n_kv_head=2, n_embd=32)
+    save_checkpoint(tmp_path / "chatsft_checkpoints" / "d1", 1, GPT(config).state_dict(), None,
+                    {"model_config": config.to_dict()})
+    manager = ModelManager(None, None, "cpu", local=local_candidate(tmp_path / "chatsft_checkpoints" / "d1"),
+                           dtype=dtype)
+    loaded = manager.load_default()
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+    assert describe(loaded).endswith(dtype)
+    reply = list(stream_reply(loaded.engine, [small_tokenizer.get_bos_token_id()], max_tokens=4, temperature=0.0,
+                              top_k=None, seed=0))[-1]
+    assert reply.num_tokens >= 1
+
+
 def test_command_line_options():
     from app.__main__ import parse_args
 
@@ -609,13 +734,21 @@ def test_command_line_options():
 # Scores tab: DuckDB history, also while another process writes
 
 
-def test_scores_tab_reads_history_and_survives_a_busy_writer(server, demo):
+def test_scores_tab_groups_series_and_survives_a_busy_writer(server, demo):
+    assert read_scores(demo["db_path"]).groups == {  # CORE's tasks (base) apart from ChatCORE's (mid, sft)
+        "Headline": ["all · CORE[18/22]", "all · ChatCORE[5/6]"], "CORE tasks": ["hellaswag · accuracy"],
+        "ChatCORE tasks": ["ARC-Easy · accuracy"], "Loss and bpb": ["validation · val_loss"]}
     client = server.client()
-    series, plot, table, message = client.predict(None, api_name="/scores")
+    group, series, plot, table, message = client.predict(None, None, api_name="/scores")
+    assert (group["value"], series["value"]) == ("Headline", "all · ChatCORE[5/6]")
     assert "results for **all · ChatCORE[5/6]**" in message
-    assert table["headers"][:3] == ["recorded_at", "profile", "depth"] and len(table["data"]) == 1
-    series, plot, table, message = client.predict("validation · val_loss", api_name="/scores")
-    assert len(table["data"]) == 2
+    assert table["headers"][:3] == ["recorded at (UTC)", "profile", "depth"] and len(table["data"]) == 1
+    assert re.fullmatch(TIME, table["data"][0][0])
+    group, series, _, _, message = client.predict("CORE tasks", None, api_name="/scores")  # a group's first series
+    assert series == {"__type__": "update", "choices": [["hellaswag · accuracy"] * 2], "value": "hellaswag · accuracy"}
+    assert group["value"] == "CORE tasks" and "1 results" in message
+    group, series, plot, table, message = client.predict("Loss and bpb", None, api_name="/scores")
+    assert series["value"] == "validation · val_loss" and len(table["data"]) == 2
     assert {row[5] for row in table["data"]} == {demo["v1"]["step"], demo["v2"]["step"]}  # the step column
 
     # Another process holds the database open for writing: the tab says so, the app keeps working.
@@ -625,7 +758,7 @@ def test_scores_tab_reads_history_and_survives_a_busy_writer(server, demo):
         cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        _, _, _, message = client.predict("validation · val_loss", api_name="/scores")
+        *_, message = client.predict(None, "validation · val_loss", api_name="/scores")
         assert "busy" in message
         assert "busy" in read_scores(demo["db_path"], retries=0).message
         _, status = client.predict(api_name="/refresh_models")  # the picker's scores: busy, not a crash
@@ -634,12 +767,30 @@ def test_scores_tab_reads_history_and_survives_a_busy_writer(server, demo):
     finally:
         holder.kill()
         holder.wait()
-    _, _, table, message = client.predict("validation · val_loss", api_name="/scores")
+    *_, table, message = client.predict(None, "validation · val_loss", api_name="/scores")
     assert len(table["data"]) == 2 and "busy" not in message
 
 
 def test_scores_without_history(tmp_path):
     assert "No eval history" in read_scores(tmp_path / "none.duckdb").message
+
+
+def test_scores_plot_shows_24_hour_utc_times_and_its_whole_legend(demo):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.dates import date2num
+
+    fig = read_scores(demo["db_path"], selected="validation · val_loss").plot()
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    assert ax.xaxis.get_major_formatter()(date2num(datetime(2026, 1, 2, 15, 4, 5))) == "2026-01-02 15:04:05"
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert ticks and all(re.fullmatch(TIME, t) for t in ticks), ticks
+    assert ax.get_xlabel() == "recorded at (UTC)"
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["demo d1 sft"]
+    box, page = legend.get_window_extent(), fig.bbox  # inside the image: nothing clipped
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    assert not box.overlaps(ax.get_window_extent())  # beside the lines, not over them
 
 
 # -----------------------------------------------------------------------------
@@ -653,6 +804,12 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
     with chromium_page(tmp_path / "profile") as page:
         page.goto(server.url + "/", wait_until="load")
         page.locator("#message textarea").wait_for()
+        for text in EXAMPLES:  # example prompts in the empty chat
+            page.locator("#chatbot").get_by_text(text).wait_for()
+        max_tokens = page.locator("#max-tokens input[type=number]")
+        page.wait_for_function("(n) => document.querySelector('#max-tokens input[type=number]').value == n",
+                               arg=str(default_max_tokens(SEQUENCE_LEN)))
+        assert int(max_tokens.input_value()) < SEQUENCE_LEN  # below the context: the second turn fits
         # Record every text the newest bot bubble shows: a streamed reply grows through several of them.
         page.evaluate("""() => {
             window.__seen = [];
@@ -677,9 +834,16 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
         assert len(seen) >= 3 and lengths[-1] > lengths[0], f"no streaming observed: {seen}"
         bubbles = n
 
-        # Switch to v1 in the picker, then chat with it.
+        # Refresh the list (an earlier test left it read while the eval history was busy: no scores), switch to v1
+        # in the picker, then chat with it.
+        page.get_by_role("button", name="Refresh list").click()
+        page.locator("#status").get_by_text("checkpoints found").wait_for()
         page.locator("#picker input").click()
-        page.get_by_role("option", name=f"step {demo['v1']['step']} ·").first.click()
+        option = page.get_by_role("option", name=f"step {demo['v1']['step']} ·").first
+        assert "↩ earlier promotion · sft demo d1" in option.inner_text()
+        served = page.get_by_role("option", name=f"step {demo['v2']['step']} ·").first
+        assert "★ promoted · sft demo d1" in served.inner_text()
+        option.click()
         page.locator("#serving").get_by_text(f"step {demo['v1']['step']} ·").wait_for(timeout=60_000)
         page.locator("#message textarea").fill("And now another model: 2+2?")
         page.locator("#send").click()
@@ -690,8 +854,26 @@ def test_browser_chat_streams_switches_model_and_screenshots(server, demo, tmp_p
         assert server.health()["checkpoint"]["sha256"] == demo["v1"]["sha256"]
         out = artifact_dir() / "chat_app.png"
         page.screenshot(path=str(out), full_page=True)
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+        # Gradio's clear button starts afresh, and an example prompt is sent as it is.
+        page.locator("#chatbot").get_by_role("button", name="Clear").click()
+        page.locator("#chatbot").get_by_text(EXAMPLES[1]).click()
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=\"bot\"]').length == 1")
+        page.locator("#status").get_by_text("tok/s").wait_for(timeout=60_000)
+        assert page.locator('[data-testid="user"]').all_inner_texts() == [EXAMPLES[1]]
+
+        page.get_by_role("tab", name="Scores").click()
+        page.locator("#scores-message").get_by_text("results for all · ChatCORE[5/6]").wait_for()
+        assert page.locator("#score-group").get_by_text("ChatCORE tasks").is_visible()
+        page.locator("#score-group").get_by_text("Loss and bpb").click()
+        page.locator("#scores-message").get_by_text("2 results for validation · val_loss").wait_for()
+        page.locator("#scores-plot img").wait_for()
+        assert page.locator("#scores-table").get_by_text("recorded at (UTC)").is_visible()
+        scores_out = artifact_dir() / "chat_app_scores.png"
+        page.screenshot(path=str(scores_out), full_page=True)
+    for png in (out, scores_out):
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     server.client().predict(demo["v2"]["key"], api_name="/switch_model")  # leave the server as we found it
 
 
@@ -729,9 +911,10 @@ def panicking_tokenizer_dir(good_tokenizer, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("bad", ["pointer whose checkpoint is a string", "promoted tokenizer makes tiktoken panic"])
+@pytest.mark.parametrize("bad", ["pointer whose checkpoint is a string", "promoted tokenizer makes tiktoken panic",
+                                 "promoted with another tokenizer of the same vocab size"])
 def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_holds(demo, tmp_path, small_tokenizer,
-                                                                                   monkeypatch, bad):
+                                                                                   other_tokenizer, monkeypatch, bad):
     shutil.copytree(demo["store"].root_path, tmp_path / "artifacts")
     store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
     pointer = read_pointer(store)
@@ -740,11 +923,17 @@ def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_hol
         # served instead: v2, through its promotion history entry
         says, serves = "'checkpoint' must be an object with a string 'key'", demo["v2"]["sha256"]
     else:
-        store.put_dir(panicking_tokenizer_dir(small_tokenizer, tmp_path / "bad-tokenizer"), "tokenizer/demo/panics")
-        pointer["tokenizer"] = {"key": "tokenizer/demo/panics"}
+        if bad == "promoted tokenizer makes tiktoken panic":
+            store.put_dir(panicking_tokenizer_dir(small_tokenizer, tmp_path / "bad-tokenizer"), "tokenizer/demo/bad")
+            says = "PanicException"
+        else:  # loads fine, same 512 tokens; v2's meta records another tokenizer's fingerprint
+            other_tokenizer.save(tmp_path / "bad-tokenizer")
+            store.put_dir(tmp_path / "bad-tokenizer", "tokenizer/demo/bad")
+            says = "tokenizer mismatch"
+        pointer["tokenizer"] = {"key": "tokenizer/demo/bad"}
         pointer.pop("promoted_at")
         write_pointer(store, pointer)  # v2 with the bad tokenizer; the history's v2 entry is the same checkpoint
-        says, serves = "PanicException", demo["v1"]["sha256"]
+        serves = demo["v1"]["sha256"]
     # In process: refresh() and load_default() never raise, and the bad candidate is marked with its reason.
     monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
     manager = ModelManager(store, demo["db_path"], "cpu")
@@ -752,11 +941,14 @@ def test_the_app_starts_and_serves_the_next_good_model_whatever_one_artifact_hol
     loaded = manager.load_default()
     assert loaded is not None and loaded.sha256 == serves
     assert says in " ".join(manager.notes), manager.notes
-    if bad == "promoted tokenizer makes tiktoken panic":
-        broken = next(c for c in manager.candidates if c.promoted)
-        assert "unavailable" in broken.label() and "tokenizer.pkl" in broken.label() and says in broken.label()
+    if bad != "pointer whose checkpoint is a string":
+        broken = next(c for c in manager.candidates if c.source == "promoted")
+        assert "unavailable" in broken.label() and "tokenizer" in broken.label() and says in broken.label()
+        if says == "tokenizer mismatch":  # which one it records, and which one it was given
+            assert f"trained with tokenizer {demo['tokenizer'].key} (fingerprint " in broken.label()
+            assert "not tokenizer/demo/bad (fingerprint " in broken.label()
         manager.refresh()  # the reason stays on the candidate until it loads
-        assert "unavailable" in next(c for c in manager.candidates if c.promoted).label()
+        assert "unavailable" in next(c for c in manager.candidates if c.source == "promoted").label()
     # The real server: starts, /health answers 200 and names the model it serves and what it could not load.
     app = AppServer({**demo, "store": store}, tmp_path / "app-cache", tmp_path / "app.log")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanochat.common import cpu_has_fast_bf16, serving_dtype
 from nanochat.engine import Engine, KVCache, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 
@@ -36,6 +37,42 @@ def test_engine_greedy_equals_naive_generate(small_tokenizer, n_kv_head):
         expected.append(t)
     assert generated == expected and len(expected) > 0
     assert masks[0] == [0] * len(prompt) + [1] * len(generated)
+
+
+def test_serving_form_greedy_equals_the_plain_model(small_tokenizer):
+    """prepare_for_inference in fp32 (fused q/k/v, the cache's rotary tables) decodes the tokens the checkpoint's
+    own layout gives."""
+    tok = small_tokenizer
+    prompt = tok.encode("The history of the language", prepend="<|bos|>")
+    plain = Engine(random_model(tok.get_vocab_size()), tok).generate_batch(prompt, max_tokens=24, temperature=0.0)
+    served = random_model(tok.get_vocab_size()).prepare_for_inference(torch.float32)
+    assert Engine(served, tok).generate_batch(prompt, max_tokens=24, temperature=0.0) == plain
+
+
+def test_bf16_serving_gives_the_fp32_greedy_tokens(small_tokenizer):
+    """The documented tolerance of --dtype=bfloat16: on a short prompt the greedy tokens equal fp32's, and the
+    prompt's next-token logits (soft-capped to +-15) differ by less than 0.25."""
+    tok = small_tokenizer
+    prompt = tok.encode("The capital of France is", prepend="<|bos|>")
+    ids = torch.tensor([prompt])
+    fp32 = random_model(tok.get_vocab_size()).prepare_for_inference(torch.float32)
+    bf16 = random_model(tok.get_vocab_size()).prepare_for_inference(torch.bfloat16)
+    with torch.no_grad():
+        diff = (fp32(ids, last_only=True) - bf16(ids, last_only=True).float()).abs().max().item()
+    assert 0 < diff < 0.25
+    rows32, _ = Engine(fp32, tok).generate_batch(prompt, max_tokens=16, temperature=0.0)
+    rows16, _ = Engine(bf16, tok).generate_batch(prompt, max_tokens=16, temperature=0.0)
+    assert rows16 == rows32 and len(rows32[0]) > len(prompt) + 4
+
+
+def test_serving_dtype_follows_the_hardware():
+    fast = cpu_has_fast_bf16()
+    assert serving_dtype("cpu") == (torch.bfloat16 if fast else torch.float32)
+    assert serving_dtype(torch.device("cuda")) == torch.bfloat16  # decided from the device type alone
+    assert serving_dtype("cpu", "float32") == torch.float32 and serving_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert cpu_has_fast_bf16("flags : fpu avx2 avx512f avx512_bf16") and not cpu_has_fast_bf16("flags : avx2")
+    with pytest.raises(ValueError, match="--dtype must be one of auto, float32, bfloat16; got 'fp16'"):
+        serving_dtype("cpu", "fp16")
 
 
 def test_samples_are_independent_and_reproducible(small_tokenizer):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat.engine import KVCache
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, apply_rotary_emb
 
 CONFIGS = [
     GPTConfig(sequence_len=32, vocab_size=97, n_layer=2, n_head=4, n_kv_head=4, n_embd=64),  # MHA
@@ -72,21 +72,62 @@ def test_causality_future_tokens_do_not_change_past_logits():
     assert not torch.allclose(model(idx)[0, 12:], model(changed)[0, 12:])
 
 
+@pytest.mark.parametrize("serving", [False, True], ids=["plain", "serving"])
 @pytest.mark.parametrize("config", CONFIGS, ids=["mha", "gqa", "mqa"])
-def test_kv_cache_decoding_equals_full_recomputation(config):
+def test_kv_cache_decoding_equals_full_recomputation(config, serving):
     model = make_model(config).eval()
     B, T = 2, 24
     idx = torch.randint(0, config.vocab_size, (B, T))
     with torch.no_grad():
         full = model(idx)
+        if serving:  # fused q/k/v and the cache's own one-pass rotary tables, as the Engine serves
+            model.prepare_for_inference(torch.float32)
         head_dim = config.n_embd // config.n_head
-        # Start small so the cache must grow; feed a prefill, a multi-token chunk, then single tokens.
-        cache = KVCache(B, config.n_kv_head, 4, head_dim, config.n_layer)
+        # A static cache sized to T; feed a prefill, a multi-token chunk, then single tokens.
+        cache = KVCache(B, config.n_kv_head, T, head_dim, config.n_layer, torch.float32 if serving else None)
+        if serving:
+            cache.rotary = model.rotary_tables(T, torch.float32)
         parts = [model(idx[:, :9], kv_cache=cache), model(idx[:, 9:14], kv_cache=cache)]
         parts += [model(idx[:, t : t + 1], kv_cache=cache) for t in range(14, T)]
+        full_error = ("exceeds the KV cache .24 positions" if serving
+                      else "KV cache full: 25 positions asked of a cache sized for 24")
+        with pytest.raises(ValueError, match=full_error):
+            model(idx[:, :1], kv_cache=cache)
     incremental = torch.cat(parts, dim=1)
     assert cache.get_pos() == T
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
+
+
+def test_serving_form_keeps_the_state_dict_and_the_logits():
+    """prepare_for_inference fuses q/k/v as views: same keys, shapes and values; the same logits in fp32; and
+    load_state_dict afterwards writes through to the fused matrix. bf16 weights stay close to fp32."""
+    config = CONFIGS[1]
+    model = make_model(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        before, state = model(idx), {k: v.clone() for k, v in model.state_dict().items()}
+        model.prepare_for_inference(torch.float32)
+        after = model.state_dict()
+        assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+        assert "qkv_weight" not in "".join(after)
+        torch.testing.assert_close(model(idx), before, atol=2e-6, rtol=0)
+        for rows in (idx[:1, :1], idx[:, :1]):  # one and two decode rows take the lm_head layouts of decode
+            torch.testing.assert_close(model(rows), before[: rows.size(0), :1], atol=2e-6, rtol=0)
+        other = make_model(config).eval()
+        model.load_state_dict(other.state_dict())  # writes through to the fused q/k/v
+        model.prepare_for_inference(torch.float32)  # and, as documented, refreshes the lm_head layout
+        torch.testing.assert_close(model(idx[:, :1]), other(idx[:, :1]), atol=2e-6, rtol=0)
+        model.load_state_dict(state)
+        bf16 = model.prepare_for_inference(torch.bfloat16)(idx).float()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert (bf16 - before).abs().max() < 0.25  # soft-capped logits span +-15; bf16 keeps 8 bits of mantissa
+
+
+def test_one_pass_rotary_is_bit_identical():
+    x = torch.randn(2, 7, 3, 16)
+    cos, sin = torch.randn(1, 7, 1, 8).bfloat16(), torch.randn(1, 7, 1, 8).bfloat16()
+    tables = torch.cat([cos, cos], -1).float(), torch.cat([sin, -sin], -1).float()
+    assert torch.equal(apply_rotary_emb(x, cos, sin), apply_rotary_emb(x, *tables))
 
 
 def test_state_dict_matches_original_layout():

@@ -19,17 +19,25 @@ import pytest
 import torch
 from botocore.config import Config
 
-from app.models import discover, load_candidate
+from app.models import load_candidate
 from importer.cli import ImportRequest, import_checkpoint
 from importer.hub import SourceError
 from importer.layout import LayoutError
 from importer.verify import UnsupportedArchitecture, VerificationError
-from nanochat.checkpoint_manager import build_model, meta_path, model_path, save_checkpoint
+from nanochat.checkpoint_manager import (
+    build_model,
+    meta_path,
+    model_path,
+    read_meta,
+    recorded_tokenizer,
+    save_checkpoint,
+)
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import save_token_bytes
+from nanochat.tokenizer import fingerprint, save_token_bytes
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
+from store.catalog import discover
 from store.promotion import read_pointer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +113,7 @@ def assert_serves_like_direct(target, result, checkpoint_dir: Path, tokenizer) -
     candidates, _, notes = discover(target["store"], target["db"])
     candidate = next(c for c in candidates if c.id == result["checkpoint_key"])
     assert candidate.origin == result["source"] and result["source"] in candidate.label()
-    loaded = load_candidate(target["store"], candidate, "cpu", candidates)
+    loaded = load_candidate(target["store"], candidate, "cpu")
     direct, _, _ = build_model(checkpoint_dir, result["step"], "cpu", tokenizer=tokenizer)
     assert loaded.sha256 == result["sha256"] and loaded.step == result["step"]
     expected = greedy(direct, tokenizer)
@@ -256,6 +264,23 @@ def test_vocab_mismatch(target, sources, tmp_path, small_tokenizer):
     bad = bad_copy(sources, tmp_path)
     save_tiny(bad, 20, small_tokenizer.get_vocab_size() + 64, seed=3, meta_extra={"val_loss": 1.0})
     assert_refused(target, str(bad), VerificationError, "vocab mismatch", "tokenizer.pkl has 512 tokens", "576")
+
+
+def test_import_records_its_tokenizer_and_a_swapped_tokenizer_is_refused(target, sources, tmp_path, small_tokenizer,
+                                                                          other_tokenizer, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    result = run_import(target, str(sources["flat"]), name="rec")
+    published = target["store"].get_dir(result["checkpoint_key"])
+    record = recorded_tokenizer(read_meta(published, 10), result["checkpoint_key"])
+    assert record == {"key": "tokenizer/imported/rec", "fingerprint": fingerprint(small_tokenizer)}
+    # Our own published checkpoint shipped with another tokenizer of the same vocab size: refused before publishing.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(published, swapped, ignore=shutil.ignore_patterns("manifest.json"))
+    other_tokenizer.save(swapped)
+    assert other_tokenizer.get_vocab_size() == small_tokenizer.get_vocab_size()
+    fresh = {**target, "store": LocalArtifactStore(root=str(tmp_path / "fresh"))}
+    assert_refused(fresh, str(swapped), VerificationError, "tokenizer mismatch", "tokenizer/imported/rec",
+                   fingerprint(other_tokenizer)[:12], "tokenizer.pkl")
 
 
 def test_unsupported_2026_architecture(target, sources, tmp_path, small_tokenizer):

@@ -1,7 +1,7 @@
 """
 Lineage per profile partition, on a real Dagster instance (SQLite, on disk) with real training: two profiles
 trained interleaved never read each other's artifacts, and a stage whose upstream is missing in its partition
-fails at once, naming what is missing.
+fails at once, naming what is missing. Every published checkpoint names its partition's tokenizer.
 """
 
 from __future__ import annotations
@@ -92,5 +92,10 @@ def test_two_profiles_interleaved_keep_their_own_lineage(tmp_path, shared_data, 
             published = store.get_dir(meta["key"])
             (meta_file,) = published.glob("meta_*.json")
             assert json.loads(meta_file.read_text())["model_config"]["n_layer"] == depth
+            # It names the tokenizer of its own partition, as the app loads it (key and content fingerprint).
+            tok = latest(instance, "tokenizer", partition)
+            assert json.loads(meta_file.read_text())["tokenizer"] == {"key": tok["key"],
+                                                                      "fingerprint": tok["fingerprint"]}
+            assert (meta["tokenizer_key"], meta["tokenizer_fingerprint"]) == (tok["key"], tok["fingerprint"])
         assert latest(instance, "mid_checkpoint", partition)["base_checkpoint_sha256"] != latest(
             instance, "base_checkpoint", other)["sha256"]

@@ -28,7 +28,7 @@ from botocore.config import Config
 from dagster import DagsterRunStatus
 from test_webserver import RUN_EVENTS_QUERY, DagsterDev, launch_run, run_errors, wait_for_run  # tests/ on sys.path
 
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import read_meta, recorded_tokenizer, save_checkpoint, tokenizer_record, with_tokenizer
 from nanochat.gpt import GPT, GPTConfig
 from orchestration import resume
 from store.s3_store import S3ArtifactStore
@@ -97,6 +97,9 @@ def test_profile_save_and_core_fields():
         RunProfile(save_every=-5)
 
 
+TOKENIZER = tokenizer_record("tokenizer/tiny/run-1", "ab" * 32)  # what every published step's meta must name
+
+
 def save_step(checkpoint_dir: Path, step: int, world_size: int = 2) -> None:
     """A real saved step: a depth-1 model, an optimizer shard per rank, meta with the loader states."""
     torch.manual_seed(step)
@@ -109,7 +112,8 @@ def save_step(checkpoint_dir: Path, step: int, world_size: int = 2) -> None:
 
 
 def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
-    points = resume.ResumePoints(s3_store, resume.prefix_for("tiny", "base", "f" * 64), tmp_path / "run1", 2)
+    points = resume.ResumePoints(s3_store, resume.prefix_for("tiny", "base", "f" * 64), tmp_path / "run1", 2,
+                                 TOKENIZER)
     assert points.published_steps() == [] and points.restore(_Log()) is None
     save_step(points.checkpoint_dir, 4)
     save_step(points.checkpoint_dir, 8)
@@ -124,13 +128,16 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
     assert sorted(p.name for p in points.checkpoint_dir.iterdir()) == sorted(files - {"manifest.json"})
 
     # Another machine (a new run directory) restores the newest complete point, byte for byte.
-    other = resume.ResumePoints(s3_store, points.prefix, tmp_path / "run2", 2)
+    other = resume.ResumePoints(s3_store, points.prefix, tmp_path / "run2", 2, TOKENIZER)
     assert resume.resume_args(other, log := _Log()) == ["--resume-from-step=8"]
     assert "resuming from step 8 of 12" in log.text()
-    for name in files - {"manifest.json"}:
+    for name in files - {"manifest.json", "meta_000008.json"}:
         assert (other.checkpoint_dir / name).read_bytes() == (points.checkpoint_dir / name).read_bytes()
+    # The meta as training wrote it, plus the tokenizer the stage trained with (key and fingerprint).
+    assert read_meta(other.checkpoint_dir, 8) == with_tokenizer(read_meta(points.checkpoint_dir, 8), TOKENIZER)
+    assert recorded_tokenizer(read_meta(other.checkpoint_dir, 8), "step 8") == TOKENIZER
     # A point lacking a rank's shard (published by a job of another world size) is not used.
-    assert resume.ResumePoints(s3_store, points.prefix, tmp_path / "run3", 4).restore(_Log()) is None
+    assert resume.ResumePoints(s3_store, points.prefix, tmp_path / "run3", 4, TOKENIZER).restore(_Log()) is None
     assert not (tmp_path / "run3").exists()
     # The final step is the stage's own checkpoint, never a resume point.
     save_step(points.checkpoint_dir, 12)
@@ -158,7 +165,7 @@ def test_core_during_training_reaches_the_eval_history_with_its_step(base_dir, t
 
     # Publishing the step records its score: the resume point's sha256 as checkpoint id, its step, tokens seen.
     points = resume.ResumePoints(LocalArtifactStore(root=str(tmp_path / "store")), "resume/tiny/base/x",
-                                 checkpoint_dir, 1)
+                                 checkpoint_dir, 1, TOKENIZER)
     db = tmp_path / "evals.duckdb"
 
     def record(checkpoint: dict, scores: dict) -> int:  # what EvalHistory.record does for the asset's run

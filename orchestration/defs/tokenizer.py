@@ -6,6 +6,7 @@ import time
 import dagster as dg
 
 from nanochat import tok_eval, tok_train
+from nanochat.tokenizer import fingerprint, load_tokenizer
 from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
@@ -36,6 +37,8 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     return dg.MaterializeResult(
         metadata=md.entries({**info.to_metadata(), "vocab_size": settings["vocab_size"],
                              "max_chars": settings["tok_max_chars"], "raw_shards_sha256": shards["sha256"],
-                             "compression": md.compression_table(rows), "git_sha": git_sha(), "wall_time_s": wall}),
+                             "compression": md.compression_table(rows), "git_sha": git_sha(), "wall_time_s": wall,
+                             # what the checkpoints trained on it record
+                             "fingerprint": fingerprint(load_tokenizer(out_dir))}),
         data_version=dg.DataVersion(info.sha256),
     )

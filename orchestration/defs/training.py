@@ -23,6 +23,7 @@ from orchestration.workspace import (
     nanochat_env,
     publish_checkpoint,
     retry_on_store_faults,
+    tokenizer_record_of,
 )
 from store.home import git_sha
 from store.keys import checkpoint_key
@@ -37,11 +38,13 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     run_dir = workspace.run_dir(context)
     fetched = fetch_inputs(context, artifacts, inputs, run_dir, tag)
     lineage = {f"{asset}_sha256": meta["sha256"] for asset, meta in fetched.items()}
+    tokenizer = tokenizer_record_of(fetched["tokenizer"], run_dir / "tokenizer")  # every published step names it
 
     # Resume points (orchestration/resume.py): restore the newest one of this lineage, publish new ones as they land.
     args = [*args, f"--device-type={settings['device_type']}", *resume.stage_args(stage, settings)]
     points = resume.points_for(context, artifacts, profile, stage, module, args, lineage,
-                               launcher.world_size(settings["nproc_per_node"]), run_dir / PHASE_DIRS[stage] / tag)
+                               launcher.world_size(settings["nproc_per_node"]), run_dir / PHASE_DIRS[stage] / tag,
+                               tokenizer)
     with retry_on_store_faults():
         resumed = resume.resume_args(points, context.log)
     on_published = resume.core_recorder(lambda checkpoint, scores: duckdb.record(context, profile, stage, checkpoint,
@@ -55,12 +58,13 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
     with retry_on_store_faults():  # a retry re-trains: publishing is the step's last act, so that is rare
         info = publish_checkpoint(artifacts, checkpoint_dir, step,
                                   checkpoint_key(stage, profile.name.value, tag, context.run.run_id),
-                                  run_dir / "publish")
+                                  run_dir / "publish", tokenizer)
     if not settings["keep_resume_points"]:
         resume.clear(points, context.log)
     metadata = {
         **info.to_metadata(), "step": step, "model_tag": tag, "profile": profile.name.value,
         "wall_time_s": wall, "git_sha": git_sha(), "config": settings, "progress_messages": len(messages), **lineage,
+        "tokenizer_key": tokenizer["key"], "tokenizer_fingerprint": tokenizer["fingerprint"],
         **md.training(result, messages, settings["device_type"]),
     }
     # Tokens the model has seen in this stage: a fixed token budget per step for base and mid; SFT batches whole

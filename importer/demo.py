@@ -1,10 +1,10 @@
 """
-python -m app.demo DIR: something to chat with, without running the pipeline. Builds, in a few seconds on a CPU:
+python -m importer.demo DIR: something to chat with, without running the pipeline. Builds, in a few seconds on a CPU:
 a tokenizer (trained on the shared pretraining text) and two tiny chat models trained on the shared chat data,
 published under DIR/artifacts exactly as the pipeline publishes them (tokenizer/, sft_checkpoint/ directories with
 manifests, promotion pointers for both, newest last), with their measured validation loss in DIR/evals.duckdb.
 
-    python -m app.demo /tmp/nanochat-demo
+    python -m importer.demo /tmp/nanochat-demo
     python -m app --artifacts /tmp/nanochat-demo/artifacts --duckdb /tmp/nanochat-demo/evals.duckdb
 
 The models are a few hundred thousand parameters trained for seconds: they answer in English-looking word salad.
@@ -25,12 +25,15 @@ from typing import Any
 
 import torch
 
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import save_checkpoint, tokenizer_record, with_tokenizer
 from nanochat.common import get_shared_data_dir
+from nanochat.dataloader import SFTBatchLoader
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tokenizer import RustBPETokenizer, save_token_bytes
+from nanochat.tok_train import text_iterator
+from nanochat.tokenizer import RustBPETokenizer, fingerprint, save_token_bytes
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
+from store.keys import checkpoint_key, tokenizer_key
 from store.promotion import write_pointer
 
 PROFILE = "demo"
@@ -39,59 +42,33 @@ CHAT_FILES = ("chat/oasst_en100_best_path.jsonl", "chat/self_instruct_human.json
 
 
 def train_tokenizer(max_chars: int = 1_000_000, vocab_size: int = 512) -> RustBPETokenizer:
-    import pyarrow.parquet as pq
-
-    texts, n = [], 0
-    for text in pq.read_table(get_shared_data_dir() / "pretrain" / "shard_00000.parquet", columns=["text"])["text"]:
-        texts.append(text.as_py())
-        n += len(texts[-1])
-        if n >= max_chars:
-            break
-    return RustBPETokenizer.train_from_iterator(iter(texts), vocab_size)
+    texts = text_iterator(max_chars, doc_cap=10_000, data_dir=get_shared_data_dir() / "pretrain")
+    return RustBPETokenizer.train_from_iterator(texts, vocab_size)
 
 
-def chat_stream(tokenizer, sequence_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every shared conversation rendered in the chat format, concatenated: (ids, targets) where targets are -1
-    outside the assistant's own tokens (the SFT loss mask)."""
-    conversations = [json.loads(line) for name in CHAT_FILES
-                     for line in (get_shared_data_dir() / name).read_text(encoding="utf-8").splitlines()]
-    random.Random(0).shuffle(conversations)  # mixed sources, so the last 10% (validation) looks like the rest
-    ids: list[int] = []
-    mask: list[int] = []
-    for conversation in conversations:
-        row_ids, row_mask = tokenizer.render_conversation(conversation, max_tokens=sequence_len)
-        ids += row_ids
-        mask += row_mask
-    x = torch.tensor(ids, dtype=torch.long)
-    y = torch.where(torch.tensor(mask) == 1, x, torch.full_like(x, -1))
-    return x, y
+def conversations() -> tuple[list[dict], list[dict]]:
+    """The shared chat conversations, shuffled (mixed sources, so the validation tenth looks like the rest)."""
+    rows = [json.loads(line) for name in CHAT_FILES
+            for line in (get_shared_data_dir() / name).read_text(encoding="utf-8").splitlines()]
+    random.Random(0).shuffle(rows)
+    return rows[: len(rows) * 9 // 10], rows[len(rows) * 9 // 10:]
 
 
-def train(model: GPT, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> float:
-    """Plain AdamW on random windows of the stream; returns the last loss."""
-    if steps <= 0:
-        return float("nan")
-    gen = torch.Generator().manual_seed(seed)
+def train(model: GPT, batches: SFTBatchLoader, steps: int) -> None:
+    """Plain AdamW on SFT batches (the loss on the assistant's tokens only, as nanochat.chat_sft trains)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        starts = torch.randint(0, len(x) - seq - 1, (batch,), generator=gen)
-        xb = torch.stack([x[s:s + seq] for s in starts])
-        yb = torch.stack([y[s + 1:s + seq + 1] for s in starts])
-        loss = model(xb, yb)
+    for _, (x, y) in zip(range(steps), batches):
+        loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
-    return loss.item()
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, seq: int) -> float:
-    n = (len(x) - 1) // seq
-    xb, yb = x[: n * seq].view(n, seq), y[1: n * seq + 1].view(n, seq)
-    return float(model(xb[:64], yb[:64]))
+def validation_loss(model: GPT, batches: SFTBatchLoader, steps: int = 4) -> float:
+    return sum(float(model(x, y)) for _, (x, y) in zip(range(steps), batches)) / steps
 
 
 def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int = 2, sequence_len: int = 256,
@@ -109,8 +86,9 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
     model.init_weights()
     if steps <= 0:  # untrained: give the zero-initialized head some weights so replies are not all one token
         torch.nn.init.normal_(model.lm_head.weight, std=0.5)
-    x, y = chat_stream(tokenizer, sequence_len)
-    split = int(len(x) * 0.9)
+    train_rows, val_rows = conversations()
+    seq = min(128, sequence_len)
+    batches = SFTBatchLoader(tokenizer, train_rows, B=16, T=seq)  # each version trains on the next conversations
 
     run_id, model_tag = f"demo-{uuid.uuid4().hex[:8]}", f"d{n_layer}"
     published: dict[str, Any] = {"store": store, "db_path": db_path, "checkpoints": []}
@@ -118,26 +96,24 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
         tok_dir = Path(tmp) / "tokenizer"
         tokenizer.save(tok_dir)
         save_token_bytes(tokenizer, tok_dir)
-        tok = store.put_dir(tok_dir, f"tokenizer/{PROFILE}/{run_id}")
-        published["tokenizer"] = tok
+        tok = published["tokenizer"] = store.put_dir(tok_dir, tokenizer_key(PROFILE, run_id))
+        record = tokenizer_record(tok.key, fingerprint(tokenizer))  # what every checkpoint's meta names
         for version in range(1, versions + 1):
             started = time.perf_counter()
-            train(model, x[:split], y[:split], steps, batch=16, seq=min(128, sequence_len), seed=seed + version)
-            val_loss = validation_loss(model, x[split:], y[split:], min(128, sequence_len))
+            train(model, batches, steps)
+            val_loss = validation_loss(model, SFTBatchLoader(tokenizer, val_rows, B=16, T=seq))
             step = steps * version
             ckpt_dir = Path(tmp) / f"v{version}"
             save_checkpoint(ckpt_dir, step, model.state_dict(), None,
-                            {"model_config": config.to_dict(), "step": step, "val_loss": val_loss,
-                             "note": "app.demo: a tiny model trained for seconds on the shared chat data"})
+                            with_tokenizer({"model_config": config.to_dict(), "step": step, "val_loss": val_loss,
+                                            "note": "importer.demo: a tiny model trained for seconds on chat data"},
+                                           record))
             version_run = f"{run_id}-v{version}"
-            info = store.put_dir(ckpt_dir, f"sft_checkpoint/{PROFILE}/{model_tag}/{version_run}")
-            with eval_store.connect_rw(db_path) as conn:
-                eval_store.record_run(conn, version_run, profile=PROFILE, depth=n_layer, config=config.to_dict())
-                eval_store.record_checkpoint(conn, info.sha256, run_id=version_run, stage="sft", step=step,
-                                             uri=info.uri)
-                eval_store.record_eval_results(conn, version_run, "sft", info.sha256,
-                                               {"validation": {"val_loss": val_loss}}, profile=PROFILE,
-                                               depth=n_layer)
+            info = store.put_dir(ckpt_dir, checkpoint_key("sft", PROFILE, model_tag, version_run))
+            with eval_store.connect_rw(db_path) as conn:  # the rows the pipeline's sft_checkpoint asset writes
+                eval_store.record(conn, run_id=version_run, stage="sft", checkpoint_id=info.sha256, step=step,
+                                  uri=info.uri, profile=PROFILE, depth=n_layer, config=config.to_dict(),
+                                  scores={eval_store.LOSS_TASKS[0]: {"val_loss": val_loss}})
             write_pointer(store, {
                 "profile": PROFILE, "depth": n_layer,
                 "checkpoint": {"key": info.key, "uri": info.uri, "sha256": info.sha256, "stage": "sft", "step": step,
@@ -151,7 +127,7 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(prog="python -m importer.demo", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("dir", help="where to put artifacts/ and evals.duckdb (replaced if it holds a demo)")
     p.add_argument("--steps", type=int, default=300, help="training steps per model version")
     p.add_argument("--seed", type=int, default=0)
