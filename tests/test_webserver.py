@@ -446,7 +446,7 @@ from store import home
 from store.artifact_store import artifact_store_from_url
 
 args = parse_args([])  # the app's defaults, as `python -m app` takes them
-scores = read_scores(home.duckdb_path(), "validation \u00b7 val_bpb")
+scores = read_scores(home.duckdb_path(), selected="validation \u00b7 val_bpb")
 print(scores.message)
 print(sorted(set(scores.table["run_id"])))
 print(artifact_store_from_url(args.artifacts).is_published(sys.argv[1]))
