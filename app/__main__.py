@@ -91,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     # Imported after parsing: --help stays fast, and torch's threads are set before any model exists.
     import torch
 
-    from app.models import ModelManager, local_candidate
+    from app.models import ModelManager
     from app.ui import CSS, MAX_UPLOAD_BYTES, build_ui
     from nanochat.common import autodetect_device_type
     from store.artifact_store import artifact_store_from_url
+    from store.catalog import local_candidate
 
     torch.set_num_threads(args.threads)
     device = args.device or autodetect_device_type()

@@ -14,36 +14,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
-from nanochat import compile_policy
-from nanochat.checkpoint_manager import checkpoint_dir_for, loader_states_meta, resume_training, save_checkpoint
-from nanochat.cli import check_ranges
-from nanochat.common import (
-    autocast_for,
-    default_dtype,
-    gpu_peak_flops,
-    grad_accum_steps,
-    print0,
-    set_lr_multiplier,
-    synchronize,
-)
+from nanochat import cli, compile_policy, training
+from nanochat.checkpoint_manager import loader_states_meta
+from nanochat.common import autocast_for, default_dtype, gpu_peak_flops, grad_accum_steps, print0
 from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.pipes import loss_curve, run_training
+from nanochat.pipes import run_training
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain a nanochat base model")
     p.add_argument("--run", default="dummy", help="run name (for logs)")
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
+    cli.add_device_flags(p, "cuda|cpu|mps (default: autodetect)",
+                     "bfloat16|float32 (default: bf16 on cuda and bf16-capable CPUs)")
     # model
     p.add_argument("--depth", type=int, default=20, help="number of transformer layers")
     p.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio")
@@ -57,17 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
     # optimization
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    cli.add_optimizer_flags(p)
     p.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
     p.add_argument("--warmup-ratio", type=float, default=0.0)
     p.add_argument("--warmdown-ratio", type=float, default=0.2)
     p.add_argument("--final-lr-frac", type=float, default=0.0)
-    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
-                   help="torch.compile (auto: when the planned steps amortise it; see nanochat/compile_policy.py)")
-    p.add_argument("--seed", type=int, default=42)
+    cli.add_run_flags(p)  # --compile, --seed, --log-every
     # evaluation / output
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
@@ -75,20 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=-1, help="-1: only at the end")
     p.add_argument("--model-tag", default="", help="checkpoint subdirectory (default d<depth>)")
     p.add_argument("--data-dir", default=None, help="shard directory (default $NANOCHAT_DATA_DIR)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this model tag")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (implies --resume)")
+    cli.add_resume_flags(p, "checkpoint of this model tag")
     # CORE during training, as the original's --core-metric-every: the score goes into that step's meta (saved when
     # the step is a save step) and to Dagster as a progress message. The final CORE is base_eval's job.
     p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1: off)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task (-1: all)")
-    p.add_argument("--log-every", type=int, default=1)
-    return check_ranges(
+    return cli.check_ranges(
         p, p.parse_args(argv),
         positive=("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
                   "eval_tokens", "log_every"),
         horizons=("num_iterations", "core_metric_max_per_task"),
-        non_negative=("n_kv_head", "target_param_data_ratio", "embedding_lr", "unembedding_lr", "matrix_lr",
-                      "weight_decay", "grad_clip"),
+        non_negative=("n_kv_head", "target_param_data_ratio", *cli.OPTIMIZER_FLAGS, "grad_clip"),
         fractions=("warmup_ratio", "warmdown_ratio", "final_lr_frac"),
     )
 
@@ -174,23 +156,16 @@ def train(args, rank, world_size, device, reporter) -> dict:
     print0(f"grad accumulation steps: {accum_steps}; iterations: {num_iterations:,}; "
            f"tokens: {num_iterations * args.total_batch_size:,}")
 
-    optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
+    optimizers = training.make_optimizers(model, args)
     adamw, muon = optimizers
 
-    model_tag = args.model_tag or f"d{args.depth}"
-    checkpoint_dir = checkpoint_dir_for("base", model_tag)
-    step, loader_state = 0, None
-    loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
-    val_bpb = None
-    if args.resume or args.resume_from_step >= 0:
-        # The last *complete* step unless one is named; each rank gets back its own data position.
-        from_step = args.resume_from_step if args.resume_from_step >= 0 else None
-        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size,
-                                                   from_step)
-        loop_state = meta["loop_state"]
-        val_bpb = meta.get("val_bpb")
-        print0(f"resumed from {checkpoint_dir} step {step}")
-    start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
+    checkpoint_dir = training.checkpoint_dir_of("base", args, model)
+    step, meta, loader_state = training.resume_if_asked(args, checkpoint_dir, model, optimizers, device, rank,
+                                                        world_size)
+    start_step = step
+    loop_state = meta["loop_state"] if meta else {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0,
+                                                  "total_training_time": 0.0}
+    val_bpb = meta.get("val_bpb")
 
     train_model, compile_decision = compile_policy.compile_for_run(
         model, args.compile, device, args.dtype or default_dtype(device), args.device_batch_size, args.max_seq_len,
@@ -216,13 +191,13 @@ def train(args, rank, world_size, device, reporter) -> dict:
     while True:
         last_step = step == num_iterations
         core = None
-        if core_bundle and start_step < step < num_iterations and step % args.core_metric_every == 0:
+        if core_bundle and start_step < step < num_iterations and training.due(args.core_metric_every, step):
             core = evaluate_core(model, tokenizer, device, core_bundle, args.core_metric_max_per_task,
                                  autocast=autocast)
             print0(f"step {step:05d} | {core['core_label']} {core['core']:.4f}")
             reporter.metrics(step, core=core["core"], core_label=core["core_label"],
                              tokens_seen=step * args.total_batch_size)
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        if last_step or training.due(args.eval_every, step):
             model.eval()
             eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world_size))
             with autocast:
@@ -231,14 +206,14 @@ def train(args, rank, world_size, device, reporter) -> dict:
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             reporter.metrics(step, val_bpb=val_bpb)
             model.train()
-        if master and (last_step or (args.sample_every > 0 and step > 0 and step % args.sample_every == 0)):
+        if master and (last_step or (step > 0 and training.due(args.sample_every, step))):
             model.eval()
             with autocast:
                 samples = sample_prompts(model, tokenizer)
             for s in samples:
                 print0(f"  sample: {s!r}")
             model.train()
-        if last_step or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
+        if last_step or (step > start_step and training.due(args.save_every, step)):
             loop_state.update(smooth_train_loss=smooth_loss, total_training_time=total_time)
             meta = {
                 "step": step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": user_config,
@@ -249,32 +224,20 @@ def train(args, rank, world_size, device, reporter) -> dict:
             }
             if core is not None:
                 meta["core"] = core
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
-                            meta, rank=rank)
+            training.save_step(checkpoint_dir, step, model, optimizers, meta, rank)
         if last_step:
             break
 
         # One optimizer step: accum_steps micro-batches, then AdamW + Muon.
-        synchronize(device)
-        t0 = time.time()
-        for _ in range(accum_steps):
-            with autocast:
-                loss = train_model(x, y)
-            train_loss = loss.detach()
-            (loss / accum_steps).backward()
-            state_before_xy = train_loader.state_dict()
-            x, y = next(train_loader)
+        t0 = training.synced_clock(device)
+        train_loss, x, y, state_before_xy = training.accumulate(train_model, train_loader, x, y, accum_steps, autocast)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_lr_multiplier(optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        training.optimizer_step(model, optimizers, lrm)
+        dt = training.synced_clock(device) - t0
         step += 1
 
         # Logging: EMA of the train loss (debiased), throughput, FLOP/s and (on a known GPU) MFU.
@@ -301,8 +264,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         "num_params": num_params, "tok_per_sec": tok_per_sec, "flops_per_sec": flops_per_sec, "mfu": mfu,
         "total_training_time": total_time, "samples": samples, "losses": [h["loss"] for h in history],
     }
-    reported = {k: v for k, v in summary.items() if k != "losses"}
-    reporter.result({**reported, "loss_curve": loss_curve(summary["losses"])})
+    training.report_summary(reporter, summary)
     if device.type == "cuda":
         print0(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     return summary

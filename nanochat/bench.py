@@ -35,6 +35,8 @@ from nanochat.base_train import model_config_for
 from nanochat.common import (
     autocast_for,
     autodetect_device_type,
+    best_seconds,
+    cpu_model_name,
     default_dtype,
     get_shared_data_dir,
     gpu_peak_flops,
@@ -60,12 +62,7 @@ def last_level_cache_bytes() -> int | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model_name() or platform.processor() or platform.machine()
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
     if device.type == "cuda":
@@ -74,34 +71,19 @@ def machine_info(device: torch.device) -> dict:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, iters: int = 10) -> float:
-    """FLOP/s of a square matmul, the best of `iters` timed one by one: the practical ceiling the training figure
-    is compared to. The best, not the mean: a ceiling must not sink when something else briefly takes a core."""
+    """FLOP/s of a square matmul, the best of `iters` (see best_seconds): the practical ceiling the training
+    figure is compared to."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(iters):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: a @ b, device, iters)
 
 
 def memory_bandwidth(device: torch.device, mib: int = 256, iters: int = 5) -> float:
     """Bytes/s moved by copying a buffer much larger than the caches (each copy reads and writes it once)."""
     src = torch.ones(mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch: page faults are not bandwidth
-    synchronize(device)
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / best
+    # best_seconds' untimed first call is the first touch: page faults are not bandwidth.
+    return 2 * src.numel() * src.element_size() / best_seconds(lambda: dst.copy_(src), device, iters)
 
 
 def peak_memory(device: torch.device) -> dict:

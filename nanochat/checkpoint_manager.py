@@ -77,6 +77,11 @@ def checkpoint_dir_for(source: str, model_tag: str, base_dir: str | os.PathLike 
     return checkpoints_dir_for(source, base_dir) / model_tag
 
 
+def default_model_tag(n_layer: int) -> str:
+    """The tag a model of this depth is saved under when none is given (find_largest_model reads it back)."""
+    return f"d{n_layer}"
+
+
 def source_of(checkpoint_dir: str | os.PathLike) -> str | None:
     """The source ("base", "mid", ...) a <base>/<phase dir>/<tag> directory belongs to; None outside the layout."""
     phase_dir = Path(checkpoint_dir).parent.name

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -214,6 +215,15 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def cpu_model_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo, or None where there is none (not Linux, no such line)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return None
+
+
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Without it, oneDNN emulates bf16
     matmuls about 100x slower than fp32 (measured on an AVX2-only EPYC): bf16 is a CPU default only with it."""
@@ -287,3 +297,17 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """The fastest of `iters` timed calls of fn (after one untimed warm-up call), queued GPU work included. The
+    best, not the mean: a machine's ceiling must not sink when something else briefly takes a core."""
+    fn()
+    best = float("inf")
+    for _ in range(iters):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -17,12 +17,11 @@ import json
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from nanochat.common import atomic_write, get_base_dir, synchronize
+from nanochat.common import atomic_write, best_seconds, cpu_model_name, get_base_dir
 
 # Priors, until a shape has been measured: the compiled step's speed-up and the compile cost in seconds.
 # CPU: +13-30% and 15-40 s measured on a 2-core EPYC (depth 4); CUDA: the usual gain of fused kernels.
@@ -48,11 +47,7 @@ def use_inductor_cache() -> None:
 def shape_key(device: torch.device, dtype: str, config: dict, batch: int, seq_len: int, world_size: int) -> str:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                hardware = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+        hardware = cpu_model_name() or hardware
     parts = dict(hardware=hardware, device=device.type, dtype=dtype, config=config, batch=batch, seq_len=seq_len,
                  world_size=world_size, threads=torch.get_num_threads(), torch=torch.__version__)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -67,15 +62,7 @@ def _load() -> dict:
 
 def _matmul_flops(device: torch.device, dtype: str, n: int = 1024, iters: int = 3) -> float:
     a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    a @ a
-    best = float("inf")
-    for _ in range(iters):
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ a
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: a @ a, device, iters)
 
 
 def decide(mode: str, key: str, device: torch.device, dtype: str, planned_steps: int,

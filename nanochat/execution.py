@@ -41,6 +41,7 @@ _MAX_REPORT_LINE = 4096  # a report line longer than this is not the sandbox's: 
 _STARTUP_LIMIT_S = 10.0  # time the child may take to start; the program's own clock starts after that
 _MAX_TIMEOUT_S = 24 * 3600.0
 _MIN_MEMORY_BYTES = 32 * 1024 * 1024  # the interpreter itself needs about 20 MiB to start
+_MAX_MEMORY_BYTES = 1 << 50  # far above any machine, far below what setrlimit's rlim_t can hold
 _ISOLATIONS = ("process", "bwrap")
 # Tests only: measure the Python layer on its own, as on a host without any kernel layer. Honoured only inside
 # pytest, so that no deployment can switch the kernel layers off by its environment.
@@ -92,20 +93,25 @@ def _execute(code: str, timeout: float, memory_bytes: int, isolation: str, pytho
 
 
 def _check_limits(timeout, maximum_memory_bytes) -> tuple[float, int]:
-    """Validated (timeout, memory limit in bytes, 0 for none); a ValueError names the bad argument."""
+    """Validated (timeout, memory limit in bytes, 0 for none); a ValueError names the bad argument.
+
+    Both are turned into plain int/float first, through the base type's own conversion: the child receives
+    them as text, and an int subclass whose __str__ says "0" must not switch the memory limit off."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ValueError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    timeout = float(int.__int__(timeout)) if isinstance(timeout, int) else float.__float__(timeout)
     if not math.isfinite(timeout) or not 0 < timeout <= _MAX_TIMEOUT_S:
         raise ValueError(f"timeout must be a finite number of seconds in (0, {_MAX_TIMEOUT_S:g}], got {timeout!r}")
     if maximum_memory_bytes is None:
-        return float(timeout), 0
+        return timeout, 0
     if isinstance(maximum_memory_bytes, bool) or not isinstance(maximum_memory_bytes, int):
         raise ValueError(f"maximum_memory_bytes must be an int or None (no limit), "
                          f"got {type(maximum_memory_bytes).__name__}")  # fmt: skip
-    if maximum_memory_bytes < _MIN_MEMORY_BYTES:
-        raise ValueError(f"maximum_memory_bytes must be at least {_MIN_MEMORY_BYTES} (32 MiB; the interpreter "
-                         f"needs about 20 MiB), or None for no limit; got {maximum_memory_bytes}")  # fmt: skip
-    return float(timeout), maximum_memory_bytes
+    memory = int.__int__(maximum_memory_bytes)
+    if not _MIN_MEMORY_BYTES <= memory <= _MAX_MEMORY_BYTES:
+        raise ValueError(f"maximum_memory_bytes must be in [{_MIN_MEMORY_BYTES}, {_MAX_MEMORY_BYTES}] (32 MiB, the "
+                         f"interpreter needs about 20 MiB; 1 PiB), or None for no limit; got {memory}")  # fmt: skip
+    return timeout, memory
 
 
 def _choose_isolation(isolation: str | None) -> str:

@@ -11,66 +11,40 @@ Loads the latest base checkpoint (or --model-tag/--step), writes <base_dir>/mid_
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat import compile_policy
-from nanochat.checkpoint_manager import (
-    checkpoint_dir_for,
-    load_model,
-    loader_states_meta,
-    resume_training,
-    save_checkpoint,
-)
-from nanochat.cli import check_ranges
-from nanochat.common import (
-    autocast_for,
-    default_dtype,
-    grad_accum_steps,
-    is_distributed,
-    print0,
-    scale_initial_lr,
-    set_lr_multiplier,
-    synchronize,
-)
+from nanochat import cli, compile_policy, training
+from nanochat.checkpoint_manager import load_model, loader_states_meta
+from nanochat.common import autocast_for, default_dtype, grad_accum_steps, is_distributed, print0
 from nanochat.dataloader import ConversationTokenLoader
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.pipes import loss_curve, run_training
+from nanochat.pipes import run_training
 from nanochat.tasks import mid_train_mixture, mid_train_val
 from nanochat.tokenizer import get_token_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Mid-train a base model on a conversation mixture")
-    p.add_argument("--device-type", default="")
-    p.add_argument("--dtype", default="", help="bfloat16|float32 (default: bf16 on cuda)")
+    cli.add_device_flags(p)
     p.add_argument("--model-tag", default=None, help="base model tag to start from (default: largest)")
     p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: last)")
     p.add_argument("--max-seq-len", type=int, default=0, help="default: the base model's sequence_len")
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step")
     p.add_argument("--num-iterations", type=int, default=-1, help="default: one epoch of the mixture")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=1.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    cli.add_optimizer_flags(p, init_lr_frac=1.0)
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--eval-tokens", type=int, default=20 * 524288)
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--data-dir", default=None, help="local task data (default: hub, else shared data)")
-    p.add_argument("--resume", action="store_true", help="continue from the last mid checkpoint of this tag")
-    p.add_argument("--resume-from-step", type=int, default=-1, help="continue from this saved step (implies --resume)")
-    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
-                   help="torch.compile (auto: when the planned steps amortise it; see nanochat/compile_policy.py)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--log-every", type=int, default=1)
-    return check_ranges(
+    cli.add_resume_flags(p, "mid checkpoint of this tag")
+    cli.add_run_flags(p)
+    return cli.check_ranges(
         p, p.parse_args(argv),
         positive=("device_batch_size", "total_batch_size", "eval_tokens", "init_lr_frac", "log_every"),
-        non_negative=("max_seq_len", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay"),
+        non_negative=("max_seq_len", *cli.OPTIMIZER_FLAGS),
         horizons=("num_iterations",),
     )
 
@@ -91,21 +65,12 @@ def train(args, rank, world_size, device, reporter) -> dict:
     B = args.device_batch_size
     tokens_per_fwdbwd = B * T * world_size
     accum_steps = grad_accum_steps(args.total_batch_size, tokens_per_fwdbwd)
-    optimizers = model.setup_optimizers(args.unembedding_lr, args.embedding_lr, args.matrix_lr, args.weight_decay)
-    scale_initial_lr(optimizers, args.init_lr_frac)
+    optimizers = training.make_optimizers(model, args)
 
-    tag = args.model_tag or f"d{model.config.n_layer}"
-    checkpoint_dir = checkpoint_dir_for("mid", tag)
-    step, loader_state, val_bpb = 0, None, None
-    if args.resume or args.resume_from_step >= 0:
-        # The last complete step unless one is named (a kill mid-save leaves a newer, partial one); each rank its
-        # own data position.
-        from_step = args.resume_from_step if args.resume_from_step >= 0 else None
-        step, meta, loader_state = resume_training(checkpoint_dir, model, optimizers, device, rank, world_size,
-                                                   from_step)
-        val_bpb = meta.get("val_bpb")
-        print0(f"resumed mid-training from {checkpoint_dir} step {step}")
-    start_step = step  # the step we resumed from is on disk already: not saved (or scored) again
+    checkpoint_dir = training.checkpoint_dir_of("mid", args, model)
+    step, meta, loader_state = training.resume_if_asked(args, checkpoint_dir, model, optimizers, device, rank,
+                                                        world_size, "mid-training")
+    start_step, val_bpb = step, meta.get("val_bpb")
 
     train_set, val_set = mid_train_mixture(args.data_dir, seed=args.seed), mid_train_val(args.data_dir)
     print0(f"mixture: {len(train_set):,} conversations; val: {len(val_set):,}; grad accumulation {accum_steps}")
@@ -140,7 +105,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
     smooth, tok_per_sec = 0.0, 0.0
     while True:
         last_step = is_last_step()
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        if last_step or training.due(args.eval_every, step):
             model.eval()
             with autocast:
                 val_loader = ConversationTokenLoader(tokenizer, val_set, B, T, device, rank, world_size)
@@ -148,31 +113,20 @@ def train(args, rank, world_size, device, reporter) -> dict:
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             reporter.metrics(step, val_bpb=val_bpb)
             model.train()
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+        if last_step or (step > start_step and training.due(args.save_every, step)):
             meta = {"step": step, "val_bpb": val_bpb, "model_config": model.config.to_dict(),
                     "user_config": vars(args), "world_size": world_size, "base_checkpoint_step": base_meta.get("step"),
                     **loader_states_meta(state_before_xy), "progress": progress(), "final": last_step,
                     "num_iterations": args.num_iterations if args.num_iterations > 0 else None}
-            save_checkpoint(checkpoint_dir, step, model.state_dict(), [o.state_dict() for o in optimizers],
-                            meta, rank=rank)
+            training.save_step(checkpoint_dir, step, model, optimizers, meta, rank)
         if last_step:
             break
 
-        synchronize(device)
-        t0 = time.time()
-        for _ in range(accum_steps):
-            with autocast:
-                loss = train_model(x, y)
-            (loss / accum_steps).backward()
-            state_before_xy = train_loader.state_dict()
-            x, y = next(train_loader)
+        t0 = training.synced_clock(device)
+        loss, x, y, state_before_xy = training.accumulate(train_model, train_loader, x, y, accum_steps, autocast)
         lrm = lr_multiplier(progress())
-        set_lr_multiplier(optimizers, lrm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        training.optimizer_step(model, optimizers, lrm)
+        dt = training.synced_clock(device) - t0
         step_times.append(dt)
         step += 1
         smooth = 0.9 * smooth + 0.1 * loss.item()
@@ -187,7 +141,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         compile_policy.record(compile_decision.key, compile_decision.compile, step_times)
     summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
                "final_loss": losses[-1] if losses else None, "tok_per_sec": tok_per_sec, "losses": losses}
-    reporter.result({**{k: v for k, v in summary.items() if k != "losses"}, "loss_curve": loss_curve(losses)})
+    training.report_summary(reporter, summary)
     return summary
 
 

@@ -26,7 +26,9 @@ from typing import IO, Any
 import torch
 
 MAX_JSON_BYTES = 64 << 20  # meta_*.json, tokenizer.json, manifests: a 2M-token tokenizer.json is ~40 MB
-MAX_PICKLE_BYTES = 8 << 20  # the pickle record inside a .pt: a d32 state dict's is ~20 KB
+# The pickle record inside a .pt: a d32 state dict's is ~20 KB (~150 bytes a tensor). torch's weights-only
+# unpickler is pure Python: a MiB of one-byte opcodes (EMPTY_LIST, MARK) takes ~2 s on an idle core.
+MAX_PICKLE_BYTES = 2 << 20
 TENSOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32)
 
 _repr = reprlib.Repr()

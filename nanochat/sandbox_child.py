@@ -91,7 +91,13 @@ _SECCOMP_DENIED = (
     "kexec_file_load", "acct", "quotactl", "syslog", "uselib", "personality",
 )  # fmt: skip
 _SCMP_ACT_ALLOW, _SCMP_ACT_KILL_PROCESS, _SCMP_ACT_ERRNO_ENOSYS = 0x7FFF0000, 0x80000000, 0x00050000 | 38
-_SCMP_CMP_NE, _SCMP_CMP_EQ, _SCMP_CMP_MASKED_EQ = 1, 4, 7
+_SCMP_CMP_NE, _SCMP_CMP_EQ, _SCMP_CMP_GT, _SCMP_CMP_MASKED_EQ = 1, 4, 6, 7
+# fcntl/ioctl commands that make I/O on a descriptor signal a process of the caller's choosing (SIGIO, or any
+# signal with F_SETSIG, sent to the "owner" even when it is the parent: no kill() is involved), and pipe buffers
+# beyond the unprivileged maximum (kernel memory that RLIMIT_AS does not count; root may ask for gigabytes).
+_F_SETOWN, _F_SETSIG, _F_SETOWN_EX, _F_SETPIPE_SZ = 8, 10, 15, 1031
+_FIOSETOWN, _SIOCSPGRP, _TIOCSPGRP = 0x8901, 0x8902, 0x5410
+_MAX_PIPE_BYTES = 1 << 20  # /proc/sys/fs/pipe-max-size's default
 
 
 def _isolate_main(argv: list[str]) -> None:
@@ -283,6 +289,13 @@ def _install_seccomp(ctypes) -> bool:
         ("sched_setparam", ((0, _SCMP_CMP_NE, 0, 0),)),
         ("sched_setattr", ((0, _SCMP_CMP_NE, 0, 0),)),
         ("prctl", ((0, _SCMP_CMP_EQ, _PR_SET_PDEATHSIG, 0),)),  # it must keep dying with its parent
+        ("fcntl", ((1, _SCMP_CMP_EQ, _F_SETOWN, 0),)),  # signals to another process, by way of I/O
+        ("fcntl", ((1, _SCMP_CMP_EQ, _F_SETOWN_EX, 0),)),
+        ("fcntl", ((1, _SCMP_CMP_EQ, _F_SETSIG, 0),)),
+        ("fcntl", ((1, _SCMP_CMP_EQ, _F_SETPIPE_SZ, 0), (2, _SCMP_CMP_GT, _MAX_PIPE_BYTES, 0))),
+        ("ioctl", ((1, _SCMP_CMP_EQ, _FIOSETOWN, 0),)),
+        ("ioctl", ((1, _SCMP_CMP_EQ, _SIOCSPGRP, 0),)),
+        ("ioctl", ((1, _SCMP_CMP_EQ, _TIOCSPGRP, 0),)),
     ]
     ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
     if not ctx:
@@ -370,6 +383,12 @@ _WRITE_EVENTS = (
     ("os.chflags", (0,)),
     ("os.lchflags", (0,)),
 )
+# fcntl commands a program may use (fcntl.fcntl's audit event): descriptor flags, duplication, locks, pipe sizes
+# up to the unprivileged maximum, seals. Anything else is refused, F_SETOWN/F_SETOWN_EX/F_SETSIG above all: with
+# them, I/O on a descriptor (or a directory change, F_NOTIFY) signals a process of the program's choosing, the
+# parent included, without any kill().
+_FCNTL_ALLOWED = frozenset({0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 16, 36, 37, 38, 1025, 1030, 1031, 1032, 1033, 1034, 1035,
+                            1037})  # fmt: skip
 # Audit events that read a path (or list a directory): event -> index of the path argument.
 _READ_EVENTS = (("os.listdir", 0), ("os.scandir", 0), ("os.getxattr", 0), ("os.listxattr", 0))
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -404,7 +423,11 @@ _DISABLED_FUNCTIONS = {
         "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid", "setsid",
         "setpgid", "setpgrp", "_exit", "abort", "setpriority", "sched_setscheduler", "sched_setparam",
         "sched_setaffinity", "unshare", "setns", "memfd_create", "eventfd", "login_tty",
+        "nice",  # as root (CAP_SYS_NICE): a negative niceness starves the host's processes for the whole run
     ),
+    # As root (CAP_SYS_TIME) these set the host's clock, with no audit event; where the kernel layers run, no
+    # capabilities are left, but the Python layer must hold on its own (non-Linux, or no capset).
+    "time": ("clock_settime", "clock_settime_ns"),
     "subprocess": ("Popen", "_fork_exec"),  # subprocess keeps its own reference to fork_exec
     "_posixsubprocess": ("fork_exec",),
     # Threads and signal handlers would run program code at any moment, e.g. in the middle of a check.
@@ -557,8 +580,8 @@ def _report(reason, fd=None, pipe=None, fstat=None, write=None, exit_now=None, e
 
 def _check(event, args, denied_events=None, denied_names=None, prefixes=None, writes=None, write_names=None, reads=None,
            read_names=None, frozen_attributes=None, disabled_event=None, check_open=None, check_path=None,
-           check_import=None, check_unmarshal=None, lookup=None, type_=None, str_=None, int_=None, len_=None,
-           function_type=None, own_code=None):  # fmt: skip
+           check_import=None, check_unmarshal=None, check_fcntl=None, lookup=None, type_=None, str_=None, int_=None,
+           len_=None, function_type=None, own_code=None):  # fmt: skip
     if event in denied_names:
         return lookup(denied_events, event) + " is disabled (" + event + ")"
     for prefix, reason in prefixes:
@@ -570,6 +593,8 @@ def _check(event, args, denied_events=None, denied_names=None, prefixes=None, wr
         return check_open(args[0], args[1], args[2])
     if event == "marshal.loads" or event == "marshal.load":
         return check_unmarshal(event, args)
+    if event == "fcntl.fcntl":
+        return check_fcntl(args[1], args[2])
     if event in write_names:
         for index in lookup(writes, event):
             reason = check_path(event, args[index], True)
@@ -733,6 +758,16 @@ def _check_import(name, filename, blocked_names=None, blocked_files=None, text_o
     return None
 
 
+def _check_fcntl(command, argument, fcntl_allowed=None, set_pipe_size=None, max_pipe_bytes=None, type_=None,
+                 int_=None, repr_=None):  # fmt: skip
+    if type_(command) is not int_ or command not in fcntl_allowed:
+        shown = repr_(command) if type_(command) is int_ else "?"
+        return "fcntl command " + shown + " is disabled (F_SETOWN and F_SETSIG would let I/O signal other processes)"
+    if command == set_pipe_size and (type_(argument) is not int_ or argument > max_pipe_bytes):
+        return "pipe buffers over 1 MiB are disabled (kernel memory that the memory limit does not count)"
+    return None
+
+
 def _check_unmarshal(event, args, getframe=None, compile_bytecode=None, text_of=None, resolve=None, under=None,
                      stdlib=None, open_=None, read=None, close=None, read_only=None, type_=None, bytes_=None,
                      len_=None, buffers=None):  # fmt: skip
@@ -766,7 +801,7 @@ def _check_unmarshal(event, args, getframe=None, compile_bytecode=None, text_of=
 
 
 _HOOK_FUNCTIONS = (_hook, _report, _check, _lookup, _text_of, _resolve, _under, _climbs, _check_path, _check_open,
-                   _check_import, _check_unmarshal)  # fmt: skip
+                   _check_import, _check_unmarshal, _check_fcntl)  # fmt: skip
 
 
 def _bind(function, values: dict):
@@ -808,7 +843,8 @@ def _make_audit_hook(sandbox_dir: str, readable: tuple[str, ...], report_fd: int
         "writes": _WRITE_EVENTS, "write_names": frozenset(name for name, _ in _WRITE_EVENTS),
         "reads": _READ_EVENTS, "read_names": frozenset(name for name, _ in _READ_EVENTS),
         "frozen_attributes": _FROZEN_FUNCTION_ATTRIBUTES, "disabled_event": _DISABLED_EVENT,
-        "blocked_names": _BLOCKED_MODULES, "blocked_files": _blocked_extension_files(stdlib),
+        "blocked_names": _BLOCKED_MODULES, "fcntl_allowed": _FCNTL_ALLOWED, "set_pipe_size": _F_SETPIPE_SZ,
+        "max_pipe_bytes": _MAX_PIPE_BYTES, "blocked_files": _blocked_extension_files(stdlib),
     }  # fmt: skip
     v["denied_events"] = _DENIED_EVENTS
     v["own_code"] = frozenset(function.__code__ for function in _HOOK_FUNCTIONS)
@@ -819,6 +855,7 @@ def _make_audit_hook(sandbox_dir: str, readable: tuple[str, ...], report_fd: int
     v["check_open"] = _bind(_check_open, v)
     v["check_import"] = _bind(_check_import, v)
     v["check_unmarshal"] = _bind(_check_unmarshal, v)
+    v["check_fcntl"] = _bind(_check_fcntl, v)
     v["check"] = _bind(_check, v)
     v["report"] = _bind(_report, v)
     return _bind(_hook, v)
@@ -833,8 +870,9 @@ def _reliability_guard(subprocess) -> None:
     import io
     import posix
     import threading
+    import time
 
-    modules = {"os": os, "subprocess": subprocess, "_thread": _thread, "threading": threading,
+    modules = {"os": os, "subprocess": subprocess, "time": time, "_thread": _thread, "threading": threading,
                "_signal": _signal, "signal": signal, "_imp": _imp, "io": io, "builtins": builtins,
                "_posixsubprocess": sys.modules.get("_posixsubprocess")}  # fmt: skip
     for module_name, names in _STR_PATH_FUNCTIONS.items():

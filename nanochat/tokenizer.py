@@ -16,7 +16,7 @@ import json
 import os
 import pickle
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -94,11 +94,30 @@ class Tokenizer(Protocol):
 
 
 class TokenizerBase:
-    """Subclasses set `_special_ids` and `bos_token_id` and provide `encode`; the rest is shared."""
+    """Subclasses set `_special_ids` and `bos_token_id` and provide `_encode_text` and `_encode_batch` (ordinary
+    text to ids: text that spells a special token never becomes its id); the rest is shared."""
 
     _special_ids: dict[str, int]  # special token name -> id
     bos_token_id: int
-    encode: Callable[..., Any]
+
+    def _encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def encode(
+        self,
+        text: str | list[str],
+        prepend: int | str | None = None,
+        append: int | str | None = None,
+        num_threads: int = 8,
+    ) -> list[int] | list[list[int]]:
+        """Ids of a text, or of each text of a list, between optional special tokens (a name or an id)."""
+        head, tail = self._special_id(prepend), self._special_id(append)
+        if isinstance(text, str):
+            return head + self._encode_text(text) + tail
+        return [head + row + tail for row in self._encode_batch(text, num_threads)]
 
     def __call__(self, *args: Any, **kwargs: Any) -> list[int] | list[list[int]]:
         return self.encode(*args, **kwargs)
@@ -185,6 +204,14 @@ class TokenizerBase:
         return ids + [self.encode_special("<|assistant_start|>")]
 
 
+def _num_ranks(vocab_size: int) -> int:
+    """How many ids BPE training may fill (256 bytes + merges): the vocab less the special tokens."""
+    num_ranks = vocab_size - len(SPECIAL_TOKENS)
+    if num_ranks < 256:
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    return num_ranks
+
+
 def _check_shape(conversation: Any) -> list[dict[str, Any]]:
     """
     The messages of a conversation, after checking every shape render_conversation relies on, so that bad input
@@ -235,9 +262,7 @@ class RustBPETokenizer(TokenizerBase):
     @classmethod
     def train_from_iterator(cls, text_iterator: Iterable[str], vocab_size: int) -> RustBPETokenizer:
         """Train `vocab_size - 9` mergeable ranks (256 bytes + merges); the 9 specials take the last ids."""
-        num_ranks = vocab_size - len(SPECIAL_TOKENS)
-        if num_ranks < 256:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        num_ranks = _num_ranks(vocab_size)
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(text_iterator), num_ranks, pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
@@ -273,19 +298,12 @@ class RustBPETokenizer(TokenizerBase):
     def id_to_token(self, id: int) -> str:
         return self.enc.decode([id])
 
-    def encode(
-        self,
-        text: str | list[str],
-        prepend: int | str | None = None,
-        append: int | str | None = None,
-        num_threads: int = 8,
-    ) -> list[int] | list[list[int]]:
-        # encode_ordinary never turns "<|bos|>" etc. in the text into special ids: text can't inject them.
-        head, tail = self._special_id(prepend), self._special_id(append)
-        if isinstance(text, str):
-            return head + self.enc.encode_ordinary(text) + tail
-        rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-        return [head + row + tail for row in rows]
+    # encode_ordinary never turns "<|bos|>" etc. in the text into special ids: text can't inject them.
+    def _encode_text(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
@@ -306,9 +324,7 @@ class HuggingFaceTokenizer(TokenizerBase):
 
     @classmethod
     def train_from_iterator(cls, text_iterator: Iterable[str], vocab_size: int) -> HuggingFaceTokenizer:
-        num_ranks = vocab_size - len(SPECIAL_TOKENS)
-        if num_ranks < 256:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        num_ranks = _num_ranks(vocab_size)
         tokenizer = tokenizers.Tokenizer(models.BPE(unk_token=None, fuse_unk=False))
         # Same regex split as rustbpe, then map each byte to a printable char (ByteLevel): no text is unknown.
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -356,19 +372,12 @@ class HuggingFaceTokenizer(TokenizerBase):
     def id_to_token(self, id: int) -> str:
         return self.decode([id])
 
-    def encode(
-        self,
-        text: str | list[str],
-        prepend: int | str | None = None,
-        append: int | str | None = None,
-        num_threads: int = 8,
-    ) -> list[int] | list[list[int]]:
+    def _encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
         # num_threads is accepted for API parity; `tokenizers` batches on its own Rust thread pool.
-        head, tail = self._special_id(prepend), self._special_id(append)
-        if isinstance(text, str):
-            return head + self.tokenizer.encode(text, add_special_tokens=False).ids + tail
-        rows = self.tokenizer.encode_batch(text, add_special_tokens=False)
-        return [head + row.ids + tail for row in rows]
+        return [row.ids for row in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -15,7 +15,8 @@ if ! command -v chromium >/dev/null 2>&1; then
     apt_install chromium chromium-driver
 fi
 echo "== bubblewrap"
-# tests/test_sandbox_escapes.py runs part of the escape suite under bwrap too (NANOCHAT_SANDBOX=bwrap, docs/SECURITY.md).
+# The code sandbox runs inside bwrap by default where it is installed; tests/test_sandbox_escapes.py runs the escape
+# suite in that mode (docs/SECURITY.md).
 if ! command -v bwrap >/dev/null 2>&1; then
     apt_install bubblewrap
 fi

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class Host:
     unix: socket.socket
     unix_path: str
     parent_environ: list[str]  # this process's environment entries, as /proc/<pid>/environ shows them
+    signals: dict = None  # signal number -> how many this process received (SIGIO, SIGUSR2: counted, not fatal)
 
     def prelude(self, marker: str) -> str:
         names = {"OUTSIDE": str(self.outside), "SECRET_FILE": str(self.secret_file), "VICTIM": str(self.victim),
@@ -71,11 +73,14 @@ class Host:
             "priority": os.getpriority(os.PRIO_PROCESS, 0),
             "affinity": os.sched_getaffinity(0),
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
+            "signals received": dict(self.signals),
         }
 
     def close(self) -> None:
         for s in (self.tcp, self.udp, self.unix):
             s.close()
+        for number in self.signals:
+            signal.signal(number, signal.SIG_DFL)
 
 
 def make_host(outside: Path) -> Host:
@@ -93,8 +98,12 @@ def make_host(outside: Path) -> Host:
     for s in (tcp, udp, unix):
         s.setblocking(False)
     environ = Path("/proc/self/environ").read_bytes().decode(errors="replace").split("\0")
+    # A signal that reaches this process through I/O (F_SETOWN) is counted rather than fatal to the test run.
+    signals = {signal.SIGIO: 0, signal.SIGUSR2: 0}
+    for number in signals:
+        signal.signal(number, lambda received, frame: signals.__setitem__(received, signals[received] + 1))
     return Host(outside, outside / "secret.txt", secret, outside / "victim.txt", tcp, udp, unix, unix_path,
-                [e for e in environ if len(e) > 12])  # fmt: skip
+                [e for e in environ if len(e) > 12], signals)  # fmt: skip
 
 
 def received_anything(host: Host) -> list[str]:

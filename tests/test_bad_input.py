@@ -407,6 +407,17 @@ def write_step(directory: Path, state, meta: dict | str | bytes | None = None, c
     return directory
 
 
+def pickle_bomb(path: Path, opcodes: bytes) -> None:
+    """Replace the pickle record of a torch.save zip by `opcodes` (stored, as torch writes it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        records = [(info.filename, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in records:
+            z.writestr(name, b"\x80\x02" + opcodes + b"." if name.endswith("data.pkl") else data)
+
+
 def deflated(path: Path) -> None:
     """Rewrite a torch.save zip with every record deflate-compressed (torch itself never compresses)."""
     import zipfile
@@ -438,6 +449,10 @@ def hostile_model(how: str, d: Path) -> tuple[str, str]:
         write_step(d, None)
         torch.save(good_state(), d / "model_000001.pt", _use_new_zipfile_serialization=False)
         return "model_000001.pt", "not a PyTorch checkpoint"
+    if how == "a 3 MiB pickle of EMPTY_LIST opcodes (torch's unpickler: ~2 s a MiB)":
+        write_step(d, good_state())
+        pickle_bomb(d / "model_000001.pt", b"]" * (3 << 20))
+        return "model_000001.pt", "limit for a checkpoint's pickle"
     if how == "int8 weights":
         write_step(d, {k: v.to(torch.int8) for k, v in good_state().items()})
         return "model_000001.pt", "torch.int8"
@@ -494,7 +509,8 @@ def hostile_model(how: str, d: Path) -> tuple[str, str]:
 
 HOSTILE_MODELS = [
     "zero-stride bf16 tensor (6.4 GB as fp32)", "tensors sharing one storage", "deflate-compressed records",
-    "legacy (non-zip) format", "int8 weights", "a list, not a state dict", "model file is a FIFO",
+    "legacy (non-zip) format", "a 3 MiB pickle of EMPTY_LIST opcodes (torch's unpickler: ~2 s a MiB)",
+    "int8 weights", "a list, not a state dict", "model file is a FIFO",
     "model file is a symlink to /dev/zero", "meta is a symlink to /dev/zero", "meta is a FIFO", "n_layer=1e6",
     "n_embd=1e9", "vocab_size=1e12", "sequence_len=5e7", "sequence_len=true", "n_head as a string",
     "n_head=0 (a division by zero)", "n_embd not divisible by n_head", "every field in range, 3 TB in all",
@@ -573,11 +589,23 @@ def hostile_tokenizer(how: str, d: Path, enc, monkeypatch) -> tuple[str, str]:
     if how == "a 200-byte pickle whose repr is 2**60 items":
         dag = "x"
         for _ in range(60):
-            dag = [dag, dag]
+            dag = (dag, dag)  # tuples: opcodes a pickled Encoding may use, so the state check quotes it
         data = encoding_pickle(dag, monkeypatch, enc)
         assert len(data) < 1000
         (d / "tokenizer.pkl").write_bytes(data)
         return "tokenizer.pkl", "self-contained"
+    # Opcodes that make the C unpickler allocate what the stream declares, before any check could run.
+    bombs = {
+        "11 bytes whose memo index makes the unpickler zero 16 GiB": b"\x80\x04Nr" + (0x3FFFFFFF).to_bytes(4, "little"),
+        "11 bytes whose memo index zeroes 2 GiB (inside the test's limit)": b"\x80\x04Nr"
+        + (0x0FFFFFFF).to_bytes(4, "little"),
+        "BINBYTES8 declaring 1 TiB": b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"x" * 16,
+        "a million MARKs (8 bytes each in the unpickler)": b"\x80\x04" + b"(" * 1_000_000,
+        "a million empty lists (~80 bytes each)": b"\x80\x04" + b"]" * 1_000_000,
+    }
+    if how in bombs:
+        (d / "tokenizer.pkl").write_bytes(bombs[how] + b".")
+        return "tokenizer.pkl", "not a pickled tiktoken Encoding"
     if how == "tokenizer.pkl is a FIFO":
         os.mkfifo(d / "tokenizer.pkl")
         return "tokenizer.pkl", "is a FIFO"
@@ -615,6 +643,9 @@ HOSTILE_TOKENIZERS = [
     "tokenizer.json nested 100,000 deep", "tokenizer.json of the wrong shape", "a pattern that makes tiktoken panic",
     "an invalid pattern", "a byte with no token (tiktoken panics on it)", "special ids colliding with merges",
     "no <|output_end|> (the chat format needs it)", "a huge pattern", "rank ids that are not integers",
+    "11 bytes whose memo index makes the unpickler zero 16 GiB",
+    "11 bytes whose memo index zeroes 2 GiB (inside the test's limit)", "BINBYTES8 declaring 1 TiB",
+    "a million MARKs (8 bytes each in the unpickler)", "a million empty lists (~80 bytes each)",
 ]
 
 
@@ -627,6 +658,7 @@ def test_hostile_tokenizer_is_refused_in_bounded_time_and_memory(tmp_path, small
     assert out["result"].split(":")[0] in ("CorruptTokenizerFile", "TokenizerFileError"), out
     assert str(d / name) in out["result"] and says in out["result"], out
     assert len(out["result"]) < 1500 and out["peak_mib"] < 1500, out
+    assert "MemoryError" not in out["result"], "refused by what it asked for, not by running out of memory"
 
 
 def test_token_bytes_that_are_not_a_vector_of_ints_are_refused(tmp_path):

@@ -330,17 +330,44 @@ def test_concurrent_calls_from_threads():
 # --- arguments -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300, 0, -1.0, True, "5"])
+class _SaysZero(int):
+    """An int whose text is "0": the child receives the limit as text, and 0 once meant no limit."""
+
+    def __str__(self) -> str:
+        return "0"
+
+    __repr__ = __str__
+
+
+class _FloatIsNan(float):
+    def __float__(self) -> float:
+        return float("nan")
+
+    def __repr__(self) -> str:
+        return "nan"
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300, 0, -1.0, True, "5", _FloatIsNan("nan")])
 def test_bad_timeouts_are_a_clear_error(timeout):
     with pytest.raises(ValueError, match="timeout must be"):
         execute_code("print(1)", timeout=timeout)
 
 
-@pytest.mark.parametrize("memory", [0, -1, 1024, 2.5e8, True])
+@pytest.mark.parametrize("memory", [0, -1, 1024, 2.5e8, True, 2**63, 2**64 - 1, 2**80])
 def test_bad_memory_limits_are_a_clear_error(memory):
-    # 0 or a negative number once meant "no limit" silently; None is the only way to say that.
+    # 0 or a negative number once meant "no limit" silently; None is the only way to say that. Values past what
+    # setrlimit takes were an internal error of the child.
     with pytest.raises(ValueError, match="maximum_memory_bytes must be"):
         execute_code("print(1)", maximum_memory_bytes=memory)
+
+
+def test_number_subclasses_cannot_change_the_limits_the_child_gets():
+    # Before: str(_SaysZero(...)) reached the child as "0" (no limit) and 400 MiB were held under "256 MiB"; a
+    # float subclass reached it as "nan" (an internal error). Both are used by their value now.
+    held = execute_code("b = bytearray(400 * 2**20)", maximum_memory_bytes=_SaysZero(256 * 2**20))
+    assert not held.success and held.memory_exceeded, held
+    fine = execute_code("print(1)", timeout=_FloatIsNan(5.0))
+    assert fine.success and fine.stdout == "1\n", fine
 
 
 # --- the audit hook's own state --------------------------------------------------------------------------

@@ -522,6 +522,76 @@ ATTEMPTS = [
         except PermissionError:
             pass
         """, "blocked", "report pipe"),
+    # --- review of 2026-12-07: what the issue-16 fixes still let through ----------------------------------
+    # I/O that signals the parent: F_SETOWN makes the kernel send SIGIO (any signal, with F_SETSIG) to the
+    # descriptor's "owner" when data arrives; no kill() is involved. Python layer alone: the parent was killed.
+    attempt("fcntl_setown_signals_parent", """
+        import fcntl, os, signal
+        r, w = os.pipe()
+        fcntl.fcntl(r, fcntl.F_SETOWN, os.getppid())
+        fcntl.fcntl(r, 10, signal.SIGUSR2)  # F_SETSIG
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+        os.write(w, b'x')
+        """, "blocked", "fcntl"),
+    attempt("fcntl_setsig_before_setown", """
+        import fcntl, os, signal
+        r, w = os.pipe()
+        fcntl.fcntl(r, 10, signal.SIGUSR2)  # F_SETSIG first, then the owner through F_SETOWN_EX
+        fcntl.fcntl(r, 15, __import__('struct').pack('ii', 1, os.getppid()))
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+        os.write(w, b'x')
+        """, "blocked", "fcntl"),
+    attempt("dnotify_signals_parent", """
+        import fcntl, os, signal
+        d = os.open('.', os.O_RDONLY)
+        fcntl.fcntl(d, fcntl.F_SETOWN, -os.getpgid(os.getppid()))  # the parent's whole process group
+        fcntl.fcntl(d, fcntl.F_NOTIFY, fcntl.DN_CREATE | fcntl.DN_MULTISHOT)
+        open('trigger', 'w').close()
+        """, "blocked", "fcntl"),
+    # Pipe buffers are kernel memory that RLIMIT_AS does not count; root with CAP_SYS_RESOURCE may ask for GiBs.
+    attempt("pipe_buffer_beyond_maximum", """
+        import fcntl, os
+        r, w = os.pipe()
+        fcntl.fcntl(w, 1031, 600 * 2 ** 20)  # F_SETPIPE_SZ
+        os.set_blocking(w, False)
+        while True:
+            os.write(w, b'x' * 2 ** 20)
+        """, "blocked", "pipe buffers"),
+    # Root's powers that have no audit event (the Python layer alone keeps every capability of a root parent).
+    # Were they let through, the clock moves by microseconds (set to what it reads) and the niceness is this run's.
+    attempt("set_host_clock", "import time; time.clock_settime(time.CLOCK_REALTIME, time.time())", "blocked",
+            "clock_settime"),
+    attempt("set_host_clock_ns", "import time; time.clock_settime_ns(time.CLOCK_REALTIME, time.time_ns())",
+            "blocked", "clock_settime_ns"),
+    attempt("negative_niceness", "import os; os.nice(-5)", "blocked", "os.nice"),
+    # _socket.socketpair() makes a connected unix pair with no audit event (seccomp kills it where it runs);
+    # every operation that names an address is an audited socket.* event, so the pair reaches nothing.
+    attempt("raw_socketpair_then_sendto", """
+        import _socket
+        a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        a.sendto(b'x', UNIX_SOCKET)
+        """, "blocked"),
+    # At the recursion limit the hook itself cannot run: the action must still never happen (fail closed).
+    attempt("hook_at_every_recursion_depth", """
+        import sys
+        def at_depth(n):
+            if n == 0:
+                try:
+                    open(TARGET, 'w').write('x')
+                except (RecursionError, PermissionError):
+                    return
+                raise SystemExit('written')
+            at_depth(n - 1)
+        for limit in range(30, 90):
+            sys.setrecursionlimit(limit)
+            for depth in range(limit - 20, limit):
+                try:
+                    at_depth(depth)
+                except RecursionError:
+                    pass
+        sys.setrecursionlimit(1000)
+        open(TARGET, 'w')
+        """, "blocked", "writing"),
     attempt("stdout_flooded_before_violation", """
         import sys
         sys.stdout.write('y' * 20_000_000)
@@ -540,7 +610,8 @@ PROCESS_IDS = ["open_write", "dir_fd_inside_climb", "read_secret", "parent_envir
                "subprocess_run", "ctypes_types_via_subclasses", "kill_parent", "memory_bomb", "infinite_loop",
                "huge_stdout", "fresh_posix_create_builtin", "frame_walk_globals", "alias_posixsubprocess_setsid",
                "alias_subinterpreter_os_system", "hook_frames_tampered", "memfd_bomb", "alias_ssl_read_without_audit",
-               "report_pipe_flooded", "sandbox_module_globals", "read_secret_linecache", "import_planted_module"]
+               "report_pipe_flooded", "sandbox_module_globals", "read_secret_linecache", "import_planted_module",
+               "fcntl_setown_signals_parent", "pipe_buffer_beyond_maximum"]
 PROCESS = [a for a in ATTEMPTS if a.id in PROCESS_IDS]
 
 
@@ -626,6 +697,8 @@ actions = {
     "memfd_create": lambda: os.memfd_create("x"),
     "signal_parent": lambda: os.kill(os.getppid(), 0),
     "prlimit_parent": lambda: __import__("resource").prlimit(os.getppid(), 7, (3, 3)),
+    "setown_parent": lambda: __import__("fcntl").fcntl(os.pipe()[0], 8, os.getppid()),
+    "pipe_buffer_64m": lambda: __import__("fcntl").fcntl(os.pipe()[1], 1031, 64 << 20),
 }
 try:
     actions[action]()
@@ -636,7 +709,7 @@ except OSError:
 ALWAYS_ALLOWED = {"write_inside", "read_stdlib"}
 DENIED_BY_LANDLOCK = {"read_secret", "write_outside"}
 KILLED_BY_SECCOMP = {"tcp_connect", "unix_connect", "fork", "setsid", "memfd_create", "signal_parent",
-                     "prlimit_parent"}  # fmt: skip
+                     "prlimit_parent", "setown_parent", "pipe_buffer_64m"}  # fmt: skip
 KERNEL_ACTIONS = sorted(ALWAYS_ALLOWED | DENIED_BY_LANDLOCK | KILLED_BY_SECCOMP | {"mknod"})
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, load_rows, render_mc, shuffled_order
+from nanochat.tasks.common import Conversation, MultipleChoiceTask, mc_conversation
 
 LOCAL_SPLIT_NAMES = {"train": "Train", "validation": "Dev", "test": "Test"}
 LETTERS = "ABCDEFGH"
 
 
-class ARC(Task):
-    eval_type = "categorical"
-
+class ARC(MultipleChoiceTask):
     def __init__(
         self,
         subset: str = "ARC-Easy",
@@ -33,7 +31,7 @@ class ARC(Task):
         if split not in LOCAL_SPLIT_NAMES:
             raise ValueError(f"ARC split must be one of {list(LOCAL_SPLIT_NAMES)}, got {split!r}")
         self.subset, self.split = subset, split
-        self.rows = load_rows(
+        self.load(
             what=f"{subset} {split}",
             hub=("allenai/ai2_arc", subset, split),
             local=[f"arc/{subset}-{LOCAL_SPLIT_NAMES[split]}"],
@@ -44,13 +42,9 @@ class ARC(Task):
                 else ""
             ),
         )
-        self.order = shuffled_order(len(self.rows))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
-        row = self.rows[self.order[index]]
+        row = self.row(index)
         labels, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
         answer = row["answerKey"]
         if not all(label in LETTERS for label in labels):
@@ -59,13 +53,4 @@ class ARC(Task):
             labels = list(LETTERS[: len(labels)])
         if answer not in labels:
             raise ValueError(f"{self.subset} row {self.order[index]}: answerKey {answer!r} not in {labels}")
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], labels, texts)},
-                {"role": "assistant", "content": answer},
-            ],
-            "letters": labels,
-        }
-
-    def evaluate(self, conversation: Conversation, assistant_response: str) -> bool:
-        return assistant_response.strip() == conversation["messages"][-1]["content"]
+        return mc_conversation(row["question"], labels, texts, answer)

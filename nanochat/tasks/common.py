@@ -89,6 +89,35 @@ class Task:
         return f"{type(self).__name__}({', '.join([*fields, f'len={len(self)}'])})"
 
 
+class DatasetTask(Task):
+    """
+    A task over the rows of one dataset split, seen in the original's fixed shuffled order. A subclass checks its
+    arguments, calls `self.load(...)` (the keywords of `load_rows`) and reads example i as `self.row(i)`.
+    """
+
+    rows: Sequence[dict]
+    order: list[int]  # row order[i] is example i (shuffled_order)
+
+    def load(self, **where: Any) -> None:
+        self.rows = load_rows(**where)
+        self.order = shuffled_order(len(self.rows))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def row(self, index: int) -> dict:
+        return self.rows[self.order[index]]
+
+
+class MultipleChoiceTask(DatasetTask):
+    """Categorical eval: the model answers with one letter (scored over `conversation["letters"]`)."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation: Conversation, assistant_response: str) -> bool:
+        return assistant_response.strip() == conversation["messages"][-1]["content"]
+
+
 class TaskSequence(Task):
     """The tasks one after another (no shuffling): useful to evaluate several tasks as one, or for curricula."""
 
@@ -163,6 +192,19 @@ def render_mc(question: str, letters: Sequence[str], choices: Sequence[str]) -> 
     lines = [f"Multiple Choice question: {question}"]
     lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
     return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
+
+
+def mc_conversation(question: str, letters: Sequence[str], choices: Sequence[str], answer: str,
+                    **fields: Any) -> Conversation:
+    """A multiple-choice example: the render_mc prompt, the answer letter, extra `fields`, then `letters`."""
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(question, letters, choices)},
+            {"role": "assistant", "content": answer},
+        ],
+        **fields,
+        "letters": list(letters),
+    }
 
 
 # -----------------------------------------------------------------------------

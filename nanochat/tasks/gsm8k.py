@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from nanochat.tasks.common import Conversation, Task, load_rows, shuffled_order
+from nanochat.tasks.common import Conversation, DatasetTask
 
 ANNOTATION_RE = re.compile(r"<<([^>]*)>>")
 ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
@@ -44,7 +44,7 @@ def answer_to_parts(answer: str) -> list[dict[str, str]]:
     return parts
 
 
-class GSM8K(Task):
+class GSM8K(DatasetTask):
     """GSM8K `main` config, split "train" (7,473) or "test" (1,319). Hub `openai/gsm8k`; locally
     `gsm8k/{split}.jsonl` with rows `{question, answer}`."""
 
@@ -55,16 +55,12 @@ class GSM8K(Task):
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
         self.split = split
-        self.rows = load_rows(
+        self.load(
             what=f"GSM8K {split}", hub=("openai/gsm8k", "main", split), local=[f"gsm8k/{split}"], data_dir=data_dir
         )
-        self.order = shuffled_order(len(self.rows))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
-        row = self.rows[self.order[index]]
+        row = self.row(index)
         return {
             "messages": [
                 {"role": "user", "content": row["question"]},

@@ -13,7 +13,7 @@ import os
 import re
 
 from nanochat.execution import execute_code
-from nanochat.tasks.common import Conversation, Task, load_rows, shuffled_order
+from nanochat.tasks.common import Conversation, DatasetTask
 
 CODE_BLOCK_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
@@ -24,26 +24,22 @@ def extract_program(completion: str) -> str:
     return match.group(1) if match else completion
 
 
-class HumanEval(Task):
+class HumanEval(DatasetTask):
     eval_type = "generative"
 
     def __init__(self, data_dir: str | os.PathLike | None = None, timeout: float = 5.0, **slice_kwargs: int | None):
         super().__init__(**slice_kwargs)
         self.timeout = timeout
-        self.rows = load_rows(
+        # Shuffled like the original (seed 42), so `--max-per-task K` evaluates the same K problems it does.
+        self.load(
             what="HumanEval",
             hub=("openai/openai_humaneval", None, "test"),
             local=["humaneval/HumanEval"],
             data_dir=data_dir,
         )
-        # Shuffled like the original (seed 42), so `--max-per-task K` evaluates the same K problems it does.
-        self.order = shuffled_order(len(self.rows))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
-        row = self.rows[self.order[index]]
+        row = self.row(index)
         return {
             "messages": [
                 {"role": "user", "content": row["prompt"]},

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, load_rows, render_mc, shuffled_order
+from nanochat.tasks.common import Conversation, MultipleChoiceTask, mc_conversation
 
 LETTERS = ("A", "B", "C", "D")
 
 
-class MMLU(Task):
-    eval_type = "categorical"
-
+class MMLU(MultipleChoiceTask):
     def __init__(
         self,
         subset: str = "all",
@@ -40,7 +38,7 @@ class MMLU(Task):
         else:
             raise ValueError(f"MMLU subset must be 'all' or 'auxiliary_train', got {subset!r}")
         self.subset, self.split = subset, split
-        self.rows = load_rows(
+        self.load(
             what=f"MMLU {subset} {split}",
             hub=("cais/mmlu", subset, split),
             local=local,
@@ -51,26 +49,13 @@ class MMLU(Task):
                 else ""
             ),
         )
-        self.order = shuffled_order(len(self.rows))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
-        row = self.rows[self.order[index]]
+        row = self.row(index)
         if "train" in row and isinstance(row["train"], dict):
             row = row["train"]  # the hub's auxiliary_train rows are nested one level down
         choices = list(row["choices"])
         if len(choices) != len(LETTERS) or not 0 <= row["answer"] < len(LETTERS):
             raise ValueError(f"MMLU row {self.order[index]}: expected 4 choices and answer 0-3")
-        return {
-            "messages": [
-                {"role": "user", "content": render_mc(row["question"], LETTERS, choices)},
-                {"role": "assistant", "content": LETTERS[row["answer"]]},
-            ],
-            "subject": row.get("subject", ""),
-            "letters": list(LETTERS),
-        }
-
-    def evaluate(self, conversation: Conversation, assistant_response: str) -> bool:
-        return assistant_response.strip() == conversation["messages"][-1]["content"]
+        return mc_conversation(row["question"], LETTERS, choices, LETTERS[row["answer"]],
+                               subject=row.get("subject", ""))

@@ -8,29 +8,25 @@ from __future__ import annotations
 
 import os
 
-from nanochat.tasks.common import Conversation, Task, load_rows, shuffled_order, validate_conversation
+from nanochat.tasks.common import Conversation, DatasetTask, validate_conversation
 
 
-class SmolTalk(Task):
+class SmolTalk(DatasetTask):
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, **slice_kwargs: int | None):
         super().__init__(**slice_kwargs)
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split must be 'train' or 'test', got {split!r}")
         self.split = split
-        self.rows = load_rows(
+        self.load(
             what=f"SmolTalk {split}",
             hub=("HuggingFaceTB/smol-smoltalk", None, split),
             local=[f"smoltalk/{split}"],
             data_dir=data_dir,
         )
-        self.order = shuffled_order(len(self.rows))
-
-    def num_examples(self) -> int:
-        return len(self.rows)
 
     def get_example(self, index: int) -> Conversation:
         # Validated on access: checking 460K hub rows up front would cost minutes at every start.
-        conversation = {"messages": list(self.rows[self.order[index]]["messages"])}
+        conversation = {"messages": list(self.row(index)["messages"])}
         try:
             validate_conversation(conversation)
         except ValueError as e:
