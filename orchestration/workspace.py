@@ -118,10 +118,3 @@ def retry_on_store_faults(max_retries: int = 3) -> Iterator[None]:
         base = float(os.environ.get("NANOCHAT_STORE_RETRY_WAIT_S", "10"))
         wait = base * 2 ** dg.OpExecutionContext.get().retry_number * random.uniform(0.5, 1.0)
         raise dg.RetryRequested(max_retries=max_retries, seconds_to_wait=wait) from e
-
-
-
-def loss_table(curve: list, every: int = 1) -> str:
-    """A markdown table of (step, loss) points, for the asset's metadata."""
-    rows = [f"| {int(step)} | {loss:.4f} |" for step, loss in curve[::every]]
-    return "\n".join(["| step | loss |", "|---:|---:|", *rows])

@@ -225,7 +225,7 @@ def test_dagster_asset_partitioned_by_import_name(sources, tmp_path):
     result = dg.materialize([imported_checkpoint], resources=resources, instance=instance, partition_key="tiny-flat",
                             run_config=config)
     metadata = result.asset_materializations_for_node("imported_checkpoint")[0].metadata
-    assert metadata["key"].value == "sft_checkpoint/imported/d2/tiny-flat" and metadata["step"].value == 5
+    assert metadata["key"].value == "sft_checkpoint/imported/d2/tiny-flat" and metadata["step"].value == "5"
     assert "| ARC-Easy |  | 0.3876 |" in metadata["scores"].value
     bad = {"ops": {"imported_checkpoint": {"config": {"source": str(tmp_path / "nowhere")}}}}
     failed = dg.materialize([imported_checkpoint], resources=resources, instance=instance, partition_key="tiny-flat",

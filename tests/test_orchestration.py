@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
+import re
 from datetime import timezone
 
 import dagster as dg
 import pytest
+from PIL import Image
 
 from orchestration.defs.data import raw_shards
 from orchestration.defs.resources import EvalHistory
@@ -45,6 +49,20 @@ def test_definitions_load_with_every_stage():
     for key in graph.get_all_asset_keys() - {dg.AssetKey("imported_checkpoint")}:  # imports: one per import name
         assert graph.get(key).partitions_def is PROFILE_PARTITIONS, key
     assert PROFILE_PARTITIONS.get_partition_keys() == ["tiny", "tiny2", "d20", "d26", "d32"]
+    # Kinds say what each asset is made with and where it is stored: the tokenizer is rustbpe, not PyTorch; the
+    # store is S3 only when NANOCHAT_ARTIFACTS is an s3:// URL (tests run with a local one).
+    kinds = {k.to_user_string(): set(graph.get(k).kinds) for k in graph.get_all_asset_keys()}
+    assert kinds["tokenizer"] == {"rust", "filesystem"} and kinds["base_checkpoint"] == {"pytorch", "filesystem"}
+    assert kinds["base_eval"] == {"pytorch", "duckdb", "filesystem"} and "s3" not in set().union(*kinds.values())
+
+
+def test_store_kind_follows_the_artifact_store(monkeypatch):
+    from orchestration.metadata import store_kind
+
+    monkeypatch.setenv("NANOCHAT_ARTIFACTS", "s3://bucket/prefix")
+    assert store_kind() == "s3"
+    monkeypatch.setenv("NANOCHAT_ARTIFACTS", "/data/artifacts")
+    assert store_kind() == "filesystem"
 
 
 def test_bad_profile_is_a_clear_error():
@@ -101,8 +119,9 @@ def test_tiny_pipeline_materializes_and_reruns_only_what_was_asked(tmp_path, sha
         meta[asset] = {k: v.value for k, v in mat.metadata.items()}
         # Each stage published a directory artifact: its manifest is in the store.
         assert store.exists(f"{meta[asset]['key']}/manifest.json"), asset
-    assert meta["base_checkpoint"]["step"] == 12 and meta["mid_checkpoint"]["step"] == 4
+    assert meta["base_checkpoint"]["step"] == "12" and meta["mid_checkpoint"]["step"] == "4"
     assert meta["base_checkpoint"]["val_bpb"] > 0 and "loss_curve" in meta["base_checkpoint"]
+    assert_readable_metadata(result)
     assert meta["sft_checkpoint"]["mid_checkpoint_sha256"] == meta["mid_checkpoint"]["sha256"]
     raw = store.get_file(f"{meta['sft_checkpoint']['key']}/manifest.json", tmp_path / "manifest.json").read_bytes()
     assert hashlib.sha256(raw).hexdigest() == meta["sft_checkpoint"]["sha256"]
@@ -129,7 +148,44 @@ def test_tiny_pipeline_materializes_and_reruns_only_what_was_asked(tmp_path, sha
             start = instance.get_run_record_by_id(run_id).start_time
             assert abs(started_at.replace(tzinfo=timezone.utc).timestamp() - start) < 1e-3, run_id
         bpb = conn.execute("SELECT value FROM eval_results WHERE stage = 'base' AND metric = 'val_bpb'").fetchall()
-        assert len(bpb) == 1 and abs(bpb[0][0] - meta["base_checkpoint"]["val_bpb"]) < 1e-9
+        # The history keeps full precision; the metadata shows 4 significant digits of the same number.
+        assert len(bpb) == 1 and float(f"{bpb[0][0]:.4g}") == meta["base_checkpoint"]["val_bpb"]
+
+
+def assert_readable_metadata(result) -> None:
+    """What the asset pages show (orchestration/metadata.py), on a real materialization of every stage."""
+    metadata = {asset: result.asset_materializations_for_node(asset)[0].metadata for asset in
+                ("raw_shards", "tokenizer", "base_checkpoint", "mid_checkpoint", "sft_checkpoint")}
+    # Only the headline numbers are plottable: everything else is text, JSON, markdown or a table.
+    plottable = {k for m in metadata.values() for k, v in m.items()
+                 if isinstance(v, (dg.FloatMetadataValue, dg.IntMetadataValue))}
+    assert plottable == {"val_bpb", "tok_per_sec"}, plottable
+    for asset, m in metadata.items():
+        for key, v in m.items():
+            if isinstance(v, dg.FloatMetadataValue):
+                assert v.value == float(f"{v.value:.4g}"), (asset, key, v)
+            elif isinstance(v, dg.TextMetadataValue) and re.fullmatch(r"-?[0-9.]+(e[+-][0-9]+)?", v.value):
+                digits = re.sub(r"e.*|[-.]", "", v.value).lstrip("0").rstrip("0")
+                assert "." not in v.value or len(digits) <= 4, (asset, key, v.value)  # 4 significant digits
+    for stage in ("base", "mid", "sft"):
+        m = metadata[f"{stage}_checkpoint"]
+        assert "mfu" not in m, stage  # CPU: there is no peak FLOP/s to divide by
+        assert isinstance(m["config"], dg.JsonMetadataValue) and m["step"].value.isdigit()
+        # The loss curve is a PNG inside markdown (what the UI renders in [Show Markdown]).
+        plot = m["loss_curve"]
+        assert isinstance(plot, dg.MarkdownMetadataValue), stage
+        found = re.fullmatch(r"!\[loss\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", plot.value)
+        assert found, plot.value[:80]
+        png = Image.open(io.BytesIO(base64.b64decode(found.group(1))))
+        assert png.format == "PNG" and png.width > 300 and png.height > 100
+    assert "samples" not in metadata["base_checkpoint"] or isinstance(
+        metadata["base_checkpoint"]["samples"], dg.MarkdownMetadataValue)
+    assert float(metadata["tokenizer"]["vocab_size"].value) == 512
+    compression = metadata["tokenizer"]["compression"]
+    assert isinstance(compression, dg.TableMetadataValue) and compression.schema.columns[0].name == "source"
+    # What a person looks for comes first on the asset page (the UI keeps the order), the run's config last.
+    assert list(metadata["base_checkpoint"])[:4] == ["val_bpb", "tok_per_sec", "loss_trend", "loss_curve"]
+    assert list(metadata["base_checkpoint"])[-1] == "config"
 
 
 def test_child_crash_fails_the_asset_with_the_childs_error(tmp_path, shared_data, monkeypatch):

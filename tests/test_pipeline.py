@@ -100,13 +100,36 @@ def test_whole_tiny_pipeline_on_s3_then_rerun_one_eval_then_gate(tmp_path, share
 
     # base_eval: CORE over the 18 tasks whose data is in the shared bundle, labelled as such.
     base = meta["base_eval"]
-    assert base["core_label"] == "CORE[18/22]" and base["core_tasks_covered"] == 18
+    assert base["core_label"] == "CORE[18/22]" and base["core_tasks_covered"] == "18"
     assert "hellaswag" in base["core_missing"] and -1 <= base["core"] <= 1 and base["val_bpb"] > 0
     results_key = f"{meta['base_checkpoint']['key']}/evals/base_eval.json"
     assert s3_object_sha256(store, results_key) == base["results_sha256"]
     chat = meta["chat_eval"]
     assert chat["chatcore_label"] == "ChatCORE" and chat["chatcore"] is not None and chat["chatcore_mid"] is not None
     assert chat["chatcore_nosb"] is not None and "SpellingBee" in chat["chatcore_note"]
+
+    # Per-task scores are tables with a schema (the asset page shows them inline); floats to 4 significant digits.
+    core_tasks, chat_tasks = base["core_tasks"], chat["chat_tasks"]
+    assert isinstance(core_tasks, dg.TableMetadataValue) and isinstance(chat_tasks, dg.TableMetadataValue)
+    assert [c.name for c in core_tasks.schema.columns] == ["task", "accuracy", "centered", "random baseline %",
+                                                           "examples"]
+    assert len(core_tasks.records) == 18 and [c.name for c in chat_tasks.schema.columns] == [
+        "task", "mid accuracy", "sft accuracy", "sft centered", "examples"]
+    assert {r.data["task"] for r in chat_tasks.records} >= {"ARC-Easy", "GSM8K"}
+    for record in [*core_tasks.records, *chat_tasks.records]:
+        assert all(v == float(f"{v:.4g}") for v in record.data.values() if isinstance(v, float)), record
+    # Plottable: the headline scores only; the promoted model carries its scores, says what it is, and is tagged.
+    numeric = {asset: {k for k, v in mat.metadata.items() if isinstance(v, (dg.FloatMetadataValue,
+                                                                              dg.IntMetadataValue))}
+               for asset in ("base_eval", "chat_eval", "promoted_model", "report")
+               for mat in result.asset_materializations_for_node(asset)}
+    assert numeric == {"base_eval": {"core", "val_bpb"}, "chat_eval": {"chatcore"},
+                       "promoted_model": {"core", "chatcore", "val_bpb"}, "report": set()}, numeric
+    assert isinstance(base["samples"], str) and "**1.**" in base["samples"]
+    summary = meta["promoted_model"]["promoted"]
+    assert summary.startswith("**tiny** · sft d2 · step 4") and "CORE[18/22]" in summary, summary
+    (promotion,) = result.asset_materializations_for_node("promoted_model")
+    assert promotion.tags["nanochat/promoted"] == "tiny-d2-step4"
 
     # promoted_model points at the SFT checkpoint; the report card covers every stage.
     pointer = read_pointer(store)
@@ -202,7 +225,7 @@ def test_new_shards_sensor_requests_one_run_per_new_listing(tmp_path, monkeypatc
     out = dg.materialize([raw_shards], resources={
         "artifacts": store, "workspace": Workspace(root=str(tmp_path / "work")),
         "profile": RunProfile(corpus="store:inbox/shards")}, partition_key=request.partition_key)
-    assert out.success and metadata(out, "raw_shards")["num_shards"] == 2
+    assert out.success and metadata(out, "raw_shards")["num_shards"] == "2"
 
 
 def test_new_shards_sensor_skips_while_the_store_is_down(tmp_path):

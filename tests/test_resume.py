@@ -297,13 +297,13 @@ def final_weights(store: S3ArtifactStore, asset: str, run_id: str, tmp: Path) ->
 
 
 def steps_trained(server: DagsterDev, run_id: str, asset: str) -> int:
-    """How many optimizer steps the run's child trained: the length of its loss curve (the metadata table)."""
+    """How many optimizer steps the run's child trained: `steps_trained`, the length of its loss curve."""
     query = """query($runId: ID!) { runOrError(runId: $runId) { ... on Run { assetMaterializations {
-        assetKey { path } metadataEntries { label ... on MarkdownMetadataEntry { mdStr } } } } } }"""
+        assetKey { path } metadataEntries { label ... on TextMetadataEntry { text } } } } } }"""
     mats = server.graphql(query, {"runId": run_id})["runOrError"]["assetMaterializations"]
     (mat,) = [m for m in mats if m["assetKey"]["path"] == [asset]]
-    (table,) = [e["mdStr"] for e in mat["metadataEntries"] if e["label"] == "loss_curve"]
-    return max(int(row.split("|")[1]) for row in table.splitlines()[2:])
+    (steps,) = [e["text"] for e in mat["metadataEntries"] if e["label"] == "steps_trained"]
+    return int(steps)
 
 
 def assert_resumes(server, store, work, stage: str, module: str, assets: list[str], config: dict,

@@ -27,6 +27,7 @@ import yaml
 from browser import artifact_dir, chromium_page  # tests/ is on sys.path (rootless)
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+from playwright.sync_api import Locator, Page
 
 from orchestration.profiles import PROFILES
 
@@ -351,6 +352,32 @@ def screenshot_asset_graph(server: DagsterDev, profile_dir: Path, out: Path, mat
         page.screenshot(path=str(out), full_page=True)
 
 
+def metadata_row(page: Page, label: str) -> Locator:
+    """The row of the asset page's metadata table whose key is `label`."""
+    return page.locator("tr").filter(has=page.locator("td", has_text=re.compile(f"^{label}$")))
+
+
+def screenshot_asset_pages(server: DagsterDev, profile_dir: Path, out: Path) -> int:
+    """Save what a person sees first on two asset pages: base_eval's CORE table inline in its latest materialization
+    (Events tab; dagster_eval_tables.png), and base_checkpoint's loss curves in the dialog "[Show Markdown]" opens
+    (dagster_loss_plot.png). Returns the natural width of the curves' image as Chromium decoded it (0: not rendered)."""
+    with chromium_page(profile_dir, viewport=(1280, 860)) as page:
+        page.goto(f"{server.url}/assets/base_eval?view=events", wait_until="load")  # wider than the overview
+        table = metadata_row(page, "core_tasks").locator("table")  # TableMetadataValue renders as a nested table
+        table.first.wait_for(state="visible")
+        assert "random baseline %" in table.first.inner_text()
+        metadata_row(page, "core").first.evaluate("row => row.scrollIntoView({block: 'start'})")  # the table below
+        page.screenshot(path=str(out / "dagster_eval_tables.png"))
+
+        page.goto(f"{server.url}/assets/base_checkpoint", wait_until="load")
+        metadata_row(page, "loss_curve").get_by_text("[Show Markdown]").click()
+        image = page.locator('[role="dialog"] img[alt="loss"]')
+        image.wait_for(state="visible")
+        page.wait_for_function("img => img.complete", arg=image.element_handle())
+        page.screenshot(path=str(out / "dagster_loss_plot.png"))
+        return image.evaluate("img => img.naturalWidth")
+
+
 def test_materialize_through_graphql_then_see_it_in_the_asset_graph(dagster_dev, tmp_path):
     # The default (multiprocess) executor, exactly what the UI's Materialize button runs.
     run_config = {"resources": {"profile": {"config": FAST_PROFILE}}}
@@ -364,8 +391,8 @@ def test_materialize_through_graphql_then_see_it_in_the_asset_graph(dagster_dev,
     mat_run, meta = latest_materialization(dagster_dev, "tokenizer")
     assert mat_run == run_id
     assert re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]), meta
-    assert meta["vocab_size"] == 512 and meta["max_chars"] == 2_000_000
-    assert meta["bytes"] > 0
+    assert meta["vocab_size"] == "512" and meta["max_chars"] == "2000000"  # counts as text: not plotted
+    assert int(meta["bytes"]) > 0
     # The artifact is where the metadata says, under NANOCHAT_ARTIFACTS, and its manifest is what sha256 hashes.
     artifacts = Path(dagster_dev.env["NANOCHAT_ARTIFACTS"]).resolve()
     published = Path(unquote(urlparse(meta["uri"]).path))
@@ -373,7 +400,7 @@ def test_materialize_through_graphql_then_see_it_in_the_asset_graph(dagster_dev,
     assert {"tokenizer.pkl", "token_bytes.pt", "manifest.json"} <= {p.name for p in published.iterdir()}
     assert hashlib.sha256((published / "manifest.json").read_bytes()).hexdigest() == meta["sha256"]
     _, shards = latest_materialization(dagster_dev, "raw_shards")
-    assert meta["raw_shards_sha256"] == shards["sha256"] and shards["num_shards"] >= 2
+    assert meta["raw_shards_sha256"] == shards["sha256"] and int(shards["num_shards"]) >= 2
 
     # Materialized for the run's profile partition only: the lineage of one profile.
     for asset in ("raw_shards", "tokenizer"):
@@ -419,16 +446,18 @@ from store import home
 from store.artifact_store import artifact_store_from_url
 
 args = parse_args([])  # the app's defaults, as `python -m app` takes them
-scores = read_scores(home.duckdb_path(), "validation \u00b7 val_bpb")
+scores = read_scores(home.duckdb_path(), selected="validation \u00b7 val_bpb")
 print(scores.message)
 print(sorted(set(scores.table["run_id"])))
 print(artifact_store_from_url(args.artifacts).is_published(sys.argv[1]))
 """
 
 
+@pytest.mark.timeout(600)  # four stages, base_eval's CORE included, on a shared 2-core machine
 def test_ui_cli_and_app_share_one_state(tmp_path, shared_data):
     """A run launched in the UI that scripts/ui.sh starts (only NANOCHAT_HOME set) lands where `nanochat-evals`
-    and the app look by default: the same DuckDB rows, the same artifact store."""
+    and the app look by default: the same DuckDB rows, the same artifact store. The asset pages of that run, in
+    Chromium, show the CORE table inline and the loss curves as an image (screenshots for docs/orchestration.md)."""
     state = tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if k not in PATH_VARIABLES}
     env.update(NANOCHAT_HOME=str(state), PYTHON=sys.executable, NANOCHAT_SHARED_DATA=str(shared_data),
@@ -439,14 +468,25 @@ def test_ui_cli_and_app_share_one_state(tmp_path, shared_data):
     try:
         server.start()
         assert (state / "home" / "dagster.yaml").is_file()  # ui.sh created DAGSTER_HOME under NANOCHAT_HOME
-        # The cheapest assets that write eval rows: the base checkpoint records its validation bpb.
+        # The cheapest assets that write eval rows: the base checkpoint records its validation bpb, base_eval CORE.
         profile = {**FAST_PROFILE, "depth": 2, "max_seq_len": 64, "device_batch_size": 8, "total_batch_size": 1024,
-                   "base_iterations": 6, "eval_every": 6, "eval_tokens": 2048}
+                   "base_iterations": 6, "eval_every": 3, "eval_tokens": 2048, "core_max_per_task": 4}
         run_config = {"resources": {"profile": {"config": profile}}, **IN_PROCESS}
-        run_id = launch_run(server, ["raw_shards", "tokenizer", "base_checkpoint"], run_config)
-        status = wait_for_run(server, run_id, timeout=240)
+        stages = ["raw_shards", "tokenizer", "base_checkpoint", "base_eval"]
+        run_id = launch_run(server, stages, run_config)
+        status = wait_for_run(server, run_id, timeout=480)
         assert status == DagsterRunStatus.SUCCESS, "\n---\n".join(run_errors(server, run_id)) + server.log_tail()
         _, meta = latest_materialization(server, "base_checkpoint")
+        assert meta["loss_curve"].startswith("![loss](data:image/png;base64,") and meta["step"] == "6"
+
+        out = artifact_dir()
+        # The UI's one-time "Join the Dagster community" dialog would cover the pages (ui.sh leaves it on): mark it
+        # seen, as its Skip button does (a file under this test's DAGSTER_HOME).
+        assert server.graphql("mutation { setNuxSeen }")["setNuxSeen"] is True
+        assert screenshot_asset_pages(server, tmp_path / "chromium-pages", out) > 300  # the PNG decoded in Chromium
+        screenshot_asset_graph(server, tmp_path / "chromium-graph", out / "dagster_lineage_after_run.png", stages)
+        for name in ("dagster_eval_tables.png", "dagster_loss_plot.png", "dagster_lineage_after_run.png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     finally:
         server.stop()
     assert (state / "evals.duckdb").is_file() and (state / "artifacts" / meta["key"]).is_dir()

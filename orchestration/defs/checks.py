@@ -17,6 +17,7 @@ import math
 
 import dagster as dg
 
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import partition_of, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
@@ -27,7 +28,7 @@ LOSS_KEYS = ("final_loss", "val_bpb", "min_val_bpb", "val_loss")
 
 
 def finite_loss_result(meta: dict, partition: str | None = None) -> dg.AssetCheckResult:
-    values = {k: meta[k] for k in LOSS_KEYS if isinstance(meta.get(k), (int, float))}
+    values = {k: md.number(meta, k) for k in LOSS_KEYS if md.number(meta, k) is not None}  # text or float
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     return dg.AssetCheckResult(passed=not bad, severity=dg.AssetCheckSeverity.ERROR,
                                metadata={"checked": ", ".join(values) or "none reported", "partition": str(partition),

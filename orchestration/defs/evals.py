@@ -15,6 +15,7 @@ and how to get the data.
 
 import dagster as dg
 
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore, EvalHistory
 from orchestration.launcher import Launcher
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
@@ -33,21 +34,6 @@ from store.keys import eval_results_key
 CHAT_STAGES = ("mid", "sft")
 
 
-def score_table(columns: list[str], rows: dict[str, list]) -> str:
-    """A markdown table: one row per task, one column per stage/metric (blank where a value is missing)."""
-    def cell(v):
-        return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-    lines = ["| task | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    lines += [f"| {task} | " + " | ".join(cell(v) for v in values) + " |" for task, values in rows.items()]
-    return "\n".join(lines)
-
-
-def samples_md(samples: list) -> str:
-    def one(s):
-        return f"- **{s[0]}** → `{s[1]!r}`" if isinstance(s, (list, tuple)) and len(s) == 2 else f"- `{s!r}`"
-    return "\n".join(one(s) for s in samples)
-
-
 def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile, launcher: Launcher):
     settings = profile.settings()
     return launcher.run(context, module, [*args, f"--device-type={settings['device_type']}"],
@@ -55,7 +41,7 @@ def run_eval(context, module: str, args: list[str], run_dir, profile: RunProfile
 
 
 @dg.asset(group_name="evaluation", code_version="1", deps=["base_checkpoint", "tokenizer", "raw_shards"], pool="gpu",
-          kinds={"pytorch", "duckdb"}, partitions_def=PROFILE_PARTITIONS)
+          kinds={"pytorch", "duckdb", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore, launcher: Launcher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """CORE (the DCLM in-context suite, centred accuracy), train/val bits per byte and samples of the base model."""
@@ -94,24 +80,20 @@ def base_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
         "train_bpb": result.get("train_bpb"), "val_bpb": result.get("val_bpb"),
         "results_uri": info.uri, "results_sha256": info.sha256, "checkpoint_sha256": checkpoint["sha256"],
         "checkpoint_step": int(checkpoint["step"]), "model_tag": tag, "profile": profile.name.value,
-        "duckdb_rows": rows, "wall_time_s": round(wall, 1), "git_sha": git_sha(),
+        "duckdb_rows": rows, "wall_time_s": wall, "git_sha": git_sha(),
+        "core_tasks": md.core_table(tasks) if tasks else None,
     }
-    if tasks:
-        metadata["core_tasks"] = dg.MetadataValue.md(score_table(
-            ["accuracy", "centered", "baseline %", "examples"],
-            {k: [t["accuracy"], t["centered"], t["random_baseline"], t["examples"]] for k, t in tasks.items()}))
     for reason in ("core_skipped", "bpb_skipped"):
         if result.get(reason):
             metadata[reason] = result[reason]
             context.log.warning(f"base_eval: {reason.replace('_', ' ')}: {result[reason]}")
     if result.get("samples"):
-        metadata["samples"] = dg.MetadataValue.md(samples_md(result["samples"]))
-    return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None},
-                                data_version=dg.DataVersion(info.sha256))
+        metadata["samples"] = md.samples_md(result["samples"])
+    return dg.MaterializeResult(metadata=md.entries(metadata), data_version=dg.DataVersion(info.sha256))
 
 
 @dg.asset(group_name="evaluation", code_version="1", deps=["mid_checkpoint", "sft_checkpoint", "tokenizer"],
-          pool="gpu", kinds={"pytorch", "duckdb"}, partitions_def=PROFILE_PARTITIONS)
+          pool="gpu", kinds={"pytorch", "duckdb", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore, launcher: Launcher, duckdb: EvalHistory) -> dg.MaterializeResult:
     """ChatCORE (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee) of the mid and SFT checkpoints."""
@@ -148,8 +130,7 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
 
     metadata: dict = {"model_tag": tag, "profile": profile.name.value, "duckdb_rows": rows,
                       "results_sha256": result_shas[-1],
-                      "wall_time_s": round(wall, 1), "git_sha": git_sha()}
-    tasks = sorted({t for r in results.values() for t in (r.get("chat_tasks") or {})})
+                      "wall_time_s": wall, "git_sha": git_sha()}
     for stage, r in results.items():
         metadata[f"chatcore_{stage}"] = r.get("chatcore")
         metadata[f"{stage}_checkpoint_sha256"] = fetched[f"{stage}_checkpoint"]["sha256"]
@@ -161,12 +142,9 @@ def chat_eval(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
                                      "(not the original's problems): compare that one with the original's numbers")
     missing = results["sft"].get("chat_missing") or {}
     metadata["chat_missing"] = dg.MetadataValue.json(missing) if missing else "none"
-    if tasks:
-        metadata["chat_tasks"] = dg.MetadataValue.md(score_table(
-            [f"{stage} accuracy" for stage in CHAT_STAGES],
-            {t: [(results[st].get("chat_tasks") or {}).get(t, {}).get("accuracy") for st in CHAT_STAGES]
-             for t in tasks}))
+    if any(r.get("chat_tasks") for r in results.values()):
+        metadata["chat_tasks"] = md.chat_table(results)
     if results["sft"].get("samples"):
-        metadata["samples"] = dg.MetadataValue.md(samples_md(results["sft"]["samples"]))
-    return dg.MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None},
+        metadata["samples"] = md.samples_md(results["sft"]["samples"])
+    return dg.MaterializeResult(metadata=md.entries(metadata),
                                 data_version=dg.DataVersion("-".join(sha[:16] for sha in result_shas)))

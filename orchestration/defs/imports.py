@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from importer.cli import ImportErrors, ImportRequest, import_checkpoint
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore, EvalHistory
 from orchestration.workspace import Workspace, retry_on_store_faults
 from store.home import git_sha
@@ -52,4 +53,4 @@ def imported_checkpoint(context: dg.AssetExecutionContext, config: ImportConfig,
     }
     if "promotion" in result:
         metadata["promoted"] = dg.MetadataValue.json(result["promotion"])
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(result["sha256"]))
+    return dg.MaterializeResult(metadata=md.entries(metadata), data_version=dg.DataVersion(result["sha256"]))

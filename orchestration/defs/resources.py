@@ -30,6 +30,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from orchestration.launcher import Launcher, TorchrunLauncher
+from orchestration.metadata import number
 from orchestration.profiles import RunProfile
 from orchestration.workspace import Workspace
 from store import artifact_store as stores
@@ -65,7 +66,7 @@ class EvalHistory(DuckDBResource):
         with eval_store.connect_rw(self.database) as conn:
             return eval_store.record(
                 conn, run_id=run_id, stage=stage, checkpoint_id=checkpoint["sha256"], step=int(checkpoint["step"]),
-                uri=checkpoint["uri"], tokens_seen=checkpoint.get("tokens_seen"), scores=scores,
+                uri=checkpoint["uri"], tokens_seen=number(checkpoint, "tokens_seen"), scores=scores,
                 profile=profile.name.value, depth=settings["depth"], git_sha=git_sha() if own else None,
                 config=settings if own else None, started_at=started)
 

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import dagster as dg
 import torch
 
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
@@ -30,7 +31,7 @@ def artifact_ref(meta: dict) -> dict:
 
 
 @dg.asset(group_name="serving", code_version="1", deps=["sft_checkpoint", "tokenizer", "base_eval", "chat_eval"],
-          kinds={"s3"}, partitions_def=PROFILE_PARTITIONS)
+          kinds={md.store_kind(), "json"}, partitions_def=PROFILE_PARTITIONS)
 def promoted_model(context: dg.AssetExecutionContext, profile: RunProfile,
                    artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Publish the promotion pointer (promoted/latest.json) naming the SFT checkpoint, its tokenizer and scores."""
@@ -40,7 +41,7 @@ def promoted_model(context: dg.AssetExecutionContext, profile: RunProfile,
     scores = {k: v for k, v in {
         "core": base.get("core"), "core_label": base.get("core_label"), "val_bpb": base.get("val_bpb"),
         "chatcore": chat.get("chatcore"), "chatcore_label": chat.get("chatcore_label"),
-        "chatcore_mid": chat.get("chatcore_mid"),
+        "chatcore_mid": md.number(chat, "chatcore_mid"),
     }.items() if v is not None}
     pointer = {
         "profile": profile.name.value, "depth": profile.settings()["depth"],
@@ -54,14 +55,17 @@ def promoted_model(context: dg.AssetExecutionContext, profile: RunProfile,
         context.log.warning("promoted a model without a full set of scores (eval data was missing); see base_eval "
                             "and chat_eval metadata for what was skipped")
     return dg.MaterializeResult(
-        metadata={"pointer_uri": uris["latest"], "profile_pointer_uri": uris["profile"],
-                  "history_uri": uris["history"], "checkpoint_uri": sft["uri"], "checkpoint_sha256": sft["sha256"],
-                  "step": int(sft["step"]), "model_tag": profile.model_tag, "scores": dg.MetadataValue.json(scores)},
+        metadata=md.entries({**md.promoted(pointer), "pointer_uri": uris["latest"],
+                             "profile_pointer_uri": uris["profile"], "history_uri": uris["history"],
+                             "checkpoint_uri": sft["uri"], "checkpoint_sha256": sft["sha256"],
+                             "step": int(sft["step"]), "model_tag": profile.model_tag, "scores": scores}),
         data_version=dg.DataVersion(sft["sha256"]),
+        tags={"nanochat/promoted": f"{profile.name.value}-{profile.model_tag}-step{int(sft['step'])}"},
     )
 
 
 def fmt(v, digits: int = 4) -> str:
+    v = md.parse(v) if isinstance(v, str) and md.parse(v) is not None else v  # numbers kept as text in metadata
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -93,7 +97,7 @@ def render_report(stages: dict[str, dict], profile: RunProfile, run_id: str) -> 
     total = 0.0
     for asset in PIPELINE:
         m = stages.get(asset) or {}
-        wall = m.get("wall_time_s")
+        wall = md.number(m, "wall_time_s")
         total += wall or 0.0
         sha = m.get("sha256") or m.get("results_sha256") or ""
         out.append(f"| {asset} | {fmt(m.get('step') or m.get('checkpoint_step'))} | `{sha[:12]}` | {fmt(wall, 1)} | "
@@ -108,7 +112,7 @@ def render_report(stages: dict[str, dict], profile: RunProfile, run_id: str) -> 
     for asset, title in (("base_eval", "CORE per task (base)"), ("chat_eval", "ChatCORE per task")):
         table = (stages.get(asset) or {}).get("core_tasks" if asset == "base_eval" else "chat_tasks")
         if table:
-            out += ["", f"## {title}", "", table]
+            out += ["", f"## {title}", "", md.table_md(table)]
     missing = (stages.get("base_eval") or {}).get("core_missing")
     if missing and missing != "none":
         out += ["", f"CORE tasks without data (not in the score): {missing}."]
@@ -122,8 +126,8 @@ def render_report(stages: dict[str, dict], profile: RunProfile, run_id: str) -> 
     return "\n".join(out) + "\n"
 
 
-@dg.asset(group_name="serving", code_version="1", deps=["promoted_model", *PIPELINE], kinds={"markdown"},
-          partitions_def=PROFILE_PARTITIONS)
+@dg.asset(group_name="serving", code_version="1", deps=["promoted_model", *PIPELINE],
+          kinds={"markdown", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def report(context: dg.AssetExecutionContext, profile: RunProfile, artifacts: ArtifactStore) -> dg.MaterializeResult:
     """The report card of the promoted model's pipeline, as markdown in metadata and in the artifact store."""
     profile = run_profile(context, profile)
@@ -137,5 +141,4 @@ def report(context: dg.AssetExecutionContext, profile: RunProfile, artifacts: Ar
     key = report_key(profile.name.value, profile.model_tag, context.run.run_id)
     with retry_on_store_faults():
         info = artifacts.put_bytes(key, text.encode())
-    return dg.MaterializeResult(metadata={"report": dg.MetadataValue.md(text), "uri": info.uri,
-                                          "sha256": info.sha256, "bytes": info.size})
+    return dg.MaterializeResult(metadata=md.entries({"report": dg.MetadataValue.md(text), **info.to_metadata()}))

@@ -7,6 +7,7 @@ import dagster as dg
 
 from nanochat import tok_eval, tok_train
 from nanochat.tokenizer import fingerprint, load_tokenizer
+from orchestration import metadata as md
 from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import PROFILE_PARTITIONS, run_profile
 from orchestration.profiles import RunProfile
@@ -15,7 +16,7 @@ from store.home import git_sha
 from store.keys import tokenizer_key
 
 
-@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"pytorch"},
+@dg.asset(group_name="tokenizer", code_version="1", deps=["raw_shards"], kinds={"rust", md.store_kind()},
           partitions_def=PROFILE_PARTITIONS)
 def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
               artifacts: ArtifactStore) -> dg.MaterializeResult:
@@ -30,15 +31,14 @@ def tokenizer(context: dg.AssetExecutionContext, profile: RunProfile, workspace:
     tok_train.main([f"--max-chars={settings['tok_max_chars']}", f"--vocab-size={settings['vocab_size']}",
                     f"--data-dir={run_dir / 'base_data'}", f"--out-dir={out_dir}"])
     rows = tok_eval.main(["--data-dir", str(run_dir / "base_data"), "--base-dir", str(run_dir)])
-    table = tok_eval.markdown_table(rows)
     wall = time.time() - t0
     with retry_on_store_faults():
         info = artifacts.put_dir(out_dir, tokenizer_key(profile.name.value, context.run.run_id))
     return dg.MaterializeResult(
-        metadata={"key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size,
-                  "vocab_size": settings["vocab_size"], "max_chars": settings["tok_max_chars"],
-                  "raw_shards_sha256": shards["sha256"], "compression": dg.MetadataValue.md(table),
-                  "git_sha": git_sha(), "wall_time_s": round(wall, 1),
-                  "fingerprint": fingerprint(load_tokenizer(out_dir))},  # what the checkpoints trained on it record
+        metadata=md.entries({**info.to_metadata(), "vocab_size": settings["vocab_size"],
+                             "max_chars": settings["tok_max_chars"], "raw_shards_sha256": shards["sha256"],
+                             "compression": md.compression_table(rows), "git_sha": git_sha(), "wall_time_s": wall,
+                             # what the checkpoints trained on it record
+                             "fingerprint": fingerprint(load_tokenizer(out_dir))}),
         data_version=dg.DataVersion(info.sha256),
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from orchestration import metadata as md
 from orchestration import resume
 from orchestration.defs.resources import ArtifactStore, EvalHistory
 from orchestration.launcher import Launcher
@@ -19,7 +20,6 @@ from orchestration.workspace import (
     PHASE_DIRS,
     Workspace,
     fetch_inputs,
-    loss_table,
     nanochat_env,
     publish_checkpoint,
     retry_on_store_faults,
@@ -61,18 +61,12 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
                                   run_dir / "publish", tokenizer)
     if not settings["keep_resume_points"]:
         resume.clear(points, context.log)
-    curve = result.get("loss_curve") or []
     metadata = {
-        "key": info.key, "uri": info.uri, "sha256": info.sha256, "bytes": info.size, "step": step,
-        "model_tag": tag, "profile": profile.name.value, "wall_time_s": round(wall, 1), "git_sha": git_sha(),
-        "config": settings, "progress_messages": len(messages), **lineage, "tokenizer_key": tokenizer["key"],
-        "tokenizer_fingerprint": tokenizer["fingerprint"],
-        "loss_curve": dg.MetadataValue.md(loss_table(curve)) if curve else "no steps",
+        **info.to_metadata(), "step": step, "model_tag": tag, "profile": profile.name.value,
+        "wall_time_s": wall, "git_sha": git_sha(), "config": settings, "progress_messages": len(messages), **lineage,
+        "tokenizer_key": tokenizer["key"], "tokenizer_fingerprint": tokenizer["fingerprint"],
+        **md.training(result, messages, settings["device_type"]),
     }
-    for k in ("val_bpb", "min_val_bpb", "val_loss", "final_loss", "tok_per_sec", "flops_per_sec", "mfu",
-              "num_params", "total_training_time"):
-        if result.get(k) is not None:
-            metadata[k] = result[k]
     # Tokens the model has seen in this stage: a fixed token budget per step for base and mid; SFT batches whole
     # conversations, so chat_sft counts the tokens of the examples it trained on.
     tokens_seen = step * settings["total_batch_size"] if stage in ("base", "mid") else result.get("tokens_seen")
@@ -83,13 +77,11 @@ def train_stage(context, stage: str, module: str, args: list[str], inputs: dict[
                              if result.get(k) is not None and math.isfinite(result[k])}}
     duckdb.record(context, profile, stage, {"sha256": info.sha256, "uri": info.uri, "step": step,
                                             "tokens_seen": tokens_seen}, {k: v for k, v in scores.items() if v})
-    if result.get("samples"):
-        metadata["samples"] = dg.MetadataValue.md("\n".join(f"- `{s!r}`" for s in result["samples"]))
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(info.sha256))
+    return dg.MaterializeResult(metadata=md.entries(metadata), data_version=dg.DataVersion(info.sha256))
 
 
 @dg.asset(group_name="training", code_version="1", deps=["raw_shards", "tokenizer"], pool="gpu",
-          kinds={"pytorch"}, partitions_def=PROFILE_PARTITIONS)
+          kinds={"pytorch", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                     artifacts: ArtifactStore, launcher: Launcher,
                     duckdb: EvalHistory) -> dg.MaterializeResult:
@@ -107,7 +99,7 @@ def base_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, work
 
 
 @dg.asset(group_name="training", code_version="1", deps=["base_checkpoint", "tokenizer"], pool="gpu",
-          kinds={"pytorch"}, partitions_def=PROFILE_PARTITIONS)
+          kinds={"pytorch", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                    artifacts: ArtifactStore, launcher: Launcher,
                    duckdb: EvalHistory) -> dg.MaterializeResult:
@@ -122,7 +114,7 @@ def mid_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, works
 
 
 @dg.asset(group_name="training", code_version="1", deps=["mid_checkpoint", "tokenizer"], pool="gpu",
-          kinds={"pytorch"}, partitions_def=PROFILE_PARTITIONS)
+          kinds={"pytorch", md.store_kind()}, partitions_def=PROFILE_PARTITIONS)
 def sft_checkpoint(context: dg.AssetExecutionContext, profile: RunProfile, workspace: Workspace,
                    artifacts: ArtifactStore, launcher: Launcher,
                    duckdb: EvalHistory) -> dg.MaterializeResult:
