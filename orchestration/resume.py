@@ -6,7 +6,7 @@ While the entry point trains, a watcher thread notices each newly completed save
 file is written last, after every rank's optimizer shard: see nanochat/checkpoint_manager.py) and publishes it,
 optimizer shards and loader state included, to the artifact store under
 
-    resume/<profile>/<stage>/<fingerprint>/step_<step:06d>/
+    resume/<profile>/<stage>/<fingerprint>/step_<step:06d>/   (store/keys.py builds and parses it)
 
 The key holds no run id: a retried step, a run re-executed from failure, or a new run on another machine against
 the same store all find it. The fingerprint is the sha256 of the stage's inputs (their sha256s), the entry point,
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -36,9 +35,8 @@ from nanochat.checkpoint_manager import find_last_complete_step, missing_files, 
 from orchestration.workspace import fetch_into, publish_checkpoint
 from store import eval_store
 from store.artifact_store import MANIFEST_NAME, ArtifactInfo, ArtifactIntegrityError, ArtifactStore
+from store.keys import resume_prefix, resume_step_key, resume_step_under
 
-KEY_ROOT = "resume"
-_STEP_DIR = re.compile(r"step_(\d+)")
 # Flags that change when or what is saved, logged or scored, never the weights: a resume across them is exact.
 _NEUTRAL_FLAGS = ("--run", "--save-every", "--resume", "--resume-from-step", "--log-every", "--sample-every",
                   "--core-metric-every", "--core-metric-max-per-task")
@@ -63,21 +61,6 @@ def fingerprint(module: str, args: list[str], inputs: dict[str, str], world_size
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def prefix_for(profile: str, stage: str, fingerprint_: str) -> str:
-    return f"{KEY_ROOT}/{profile}/{stage}/{fingerprint_}"
-
-
-def step_key(prefix: str, step: int) -> str:
-    return f"{prefix}/step_{step:06d}"
-
-
-def parse_step_key(prefix: str, key: str) -> int | None:
-    """The step of a key `<prefix>/step_<n>/...`; None for any other key."""
-    rest = key.removeprefix(prefix + "/")
-    m = _STEP_DIR.fullmatch(rest.split("/", 1)[0]) if rest != key else None
-    return int(m.group(1)) if m else None
-
-
 @dataclass
 class ResumePoints:
     """The resume points of one stage's lineage in the store, and the run directory its entry point saves to."""
@@ -92,14 +75,14 @@ class ResumePoints:
     def published_steps(self) -> list[int]:
         """Steps published completely (a directory exists once its manifest, written last, does), newest first."""
         keys = self.store.list_keys(self.prefix)
-        steps = {parse_step_key(self.prefix, k) for k in keys if k.endswith("/" + MANIFEST_NAME)}
+        steps = {resume_step_under(self.prefix, k) for k in keys if k.endswith("/" + MANIFEST_NAME)}
         return sorted((s for s in steps if s is not None), reverse=True)
 
     def restore(self, log) -> tuple[int, dict] | None:
         """Fetch the newest complete published step into checkpoint_dir: (step, its meta), or None (start fresh)."""
         for step in self.published_steps():
             try:
-                fetch_into(self.store, step_key(self.prefix, step), self.checkpoint_dir)
+                fetch_into(self.store, resume_step_key(self.prefix, step), self.checkpoint_dir)
             except ArtifactIntegrityError as e:  # a damaged object: an older point is still exact
                 log.warning(f"resume point step {step} is damaged, trying an older one: {e}")
                 continue
@@ -117,11 +100,11 @@ class ResumePoints:
         Publish a saved step with its optimizer shards, then drop the older points, in the store and in the run
         directory (the newest is enough; at d20 every save is ~4.7 GB, and a run saves ~40 times).
         """
-        info = publish_checkpoint(self.store, self.checkpoint_dir, step, step_key(self.prefix, step), staging,
+        info = publish_checkpoint(self.store, self.checkpoint_dir, step, resume_step_key(self.prefix, step), staging,
                                   self.tokenizer, include_optimizer=True)
         for older in self.published_steps():
             if older < step:
-                self.store.delete_prefix(step_key(self.prefix, older))
+                self.store.delete_prefix(resume_step_key(self.prefix, older))
         for path in self.checkpoint_dir.glob("model_*.pt"):
             older = step_of(path.name)
             if older is not None and older < step:
@@ -137,8 +120,8 @@ def points_for(context, store: ArtifactStore, profile, stage: str, module: str, 
     partition = context.partition_key if context.has_partition_key else profile.name.value
     # The asset's code_version too: bumping it is how a change to the training code says "do not resume".
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
-    key = prefix_for(partition, stage, fingerprint(module, args, {**inputs, "code_version": code_version}, world_size))
-    return ResumePoints(store, key, checkpoint_dir, world_size, tokenizer)
+    lineage = fingerprint(module, args, {**inputs, "code_version": code_version}, world_size)
+    return ResumePoints(store, resume_prefix(partition, stage, lineage), checkpoint_dir, world_size, tokenizer)
 
 
 def clear(points: ResumePoints, log) -> int:
@@ -159,7 +142,7 @@ def resume_args(points: ResumePoints, log) -> list[str]:
     total = meta.get("num_iterations")
     if not total and meta.get("progress"):  # mid-training sized by its epoch: estimate from progress
         total = f"~{round(step / meta['progress'])}"
-    log.info(f"resuming from step {step} of {total or '?'} ({points.store.uri(step_key(points.prefix, step))})")
+    log.info(f"resuming from step {step} of {total or '?'} ({points.store.uri(resume_step_key(points.prefix, step))})")
     return [f"--resume-from-step={step}"]
 
 

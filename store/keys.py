@@ -108,9 +108,21 @@ def resume_prefix(profile: str, stage: str, fingerprint: str) -> str:
 
 
 def resume_key(profile: str, stage: str, fingerprint: str, step: int) -> str:
+    return resume_step_key(resume_prefix(profile, stage, fingerprint), step)
+
+
+def resume_step_key(prefix: str, step: int) -> str:
+    """One saved step under a lineage's resume_prefix."""
     if int(step) < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return f"{resume_prefix(profile, stage, fingerprint)}/step_{int(step):06d}"
+    return f"{prefix}/step_{int(step):06d}"
+
+
+def resume_step_under(prefix: str, key: str) -> int | None:
+    """The step of a key `<prefix>/step_<n>/...` (prefix: a resume_prefix); None for any other key."""
+    rest = key.removeprefix(prefix + "/")
+    m = _STEP.fullmatch(rest.split("/", 1)[0]) if rest != key else None
+    return int(m.group(1)) if m else None
 
 
 def parse_resume_step(key: str) -> int:

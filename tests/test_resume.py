@@ -31,6 +31,7 @@ from test_webserver import RUN_EVENTS_QUERY, DagsterDev, launch_run, run_errors,
 from nanochat.checkpoint_manager import read_meta, recorded_tokenizer, save_checkpoint, tokenizer_record, with_tokenizer
 from nanochat.gpt import GPT, GPTConfig
 from orchestration import resume
+from store import keys
 from store.s3_store import S3ArtifactStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
@@ -68,10 +69,10 @@ def test_fingerprint_follows_inputs_and_config_but_not_save_or_log_flags():
     assert fp != resume.fingerprint("nanochat.base_train", [*args[:1], "--num-iterations=101"], inputs, 1)
     assert fp != resume.fingerprint("nanochat.base_train", args, {"tokenizer_sha256": "b" * 64}, 1)
     assert fp != resume.fingerprint("nanochat.base_train", args, inputs, 8)  # optimizer shards are per rank
-    prefix = resume.prefix_for("d20", "base", fp)
+    prefix = keys.resume_prefix("d20", "base", fp)
     assert prefix == f"resume/d20/base/{fp}"
-    assert resume.parse_step_key(prefix, resume.step_key(prefix, 500) + "/manifest.json") == 500
-    assert resume.parse_step_key(prefix, f"resume/d20/mid/{fp}/step_000500/manifest.json") is None
+    assert keys.resume_step_under(prefix, keys.resume_step_key(prefix, 500) + "/manifest.json") == 500
+    assert keys.resume_step_under(prefix, f"resume/d20/mid/{fp}/step_000500/manifest.json") is None
 
 
 def test_stage_args_follow_the_profile():
@@ -112,7 +113,7 @@ def save_step(checkpoint_dir: Path, step: int, world_size: int = 2) -> None:
 
 
 def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
-    points = resume.ResumePoints(s3_store, resume.prefix_for("tiny", "base", "f" * 64), tmp_path / "run1", 2,
+    points = resume.ResumePoints(s3_store, keys.resume_prefix("tiny", "base", "f" * 64), tmp_path / "run1", 2,
                                  TOKENIZER)
     assert points.published_steps() == [] and points.restore(_Log()) is None
     save_step(points.checkpoint_dir, 4)
@@ -121,7 +122,7 @@ def test_resume_points_publish_prune_and_restore_on_s3(s3_store, tmp_path):
     watcher.publish_new()
     # Only the newest save is published, and an older point is dropped when a newer one lands.
     assert points.published_steps() == [8] and watcher.last == 8
-    files = {k.rsplit("/", 1)[-1] for k in s3_store.list_keys(resume.step_key(points.prefix, 8))}
+    files = {k.rsplit("/", 1)[-1] for k in s3_store.list_keys(keys.resume_step_key(points.prefix, 8))}
     assert files == {"model_000008.pt", "meta_000008.json", "optim_000008_rank0.pt", "optim_000008_rank1.pt",
                      "manifest.json"}
     # The run directory keeps only what a resume still needs: step 4 is gone there too.
