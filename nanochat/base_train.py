@@ -167,9 +167,9 @@ def train(args, rank, world_size, device, reporter) -> dict:
                                                   "total_training_time": 0.0}
     val_bpb = meta.get("val_bpb")
 
-    train_model, compile_decision = compile_policy.compile_for_run(
+    compiler = compile_policy.compile_for_run(
         model, args.compile, device, args.dtype or default_dtype(device), args.device_batch_size, args.max_seq_len,
-        world_size, num_iterations - step, args.total_batch_size)
+        world_size, num_iterations - step)
 
     def loader(split, state=None):
         return DistributedTokenLoader(tokenizer, args.device_batch_size, args.max_seq_len, split, device, rank,
@@ -230,7 +230,8 @@ def train(args, rank, world_size, device, reporter) -> dict:
 
         # One optimizer step: accum_steps micro-batches, then AdamW + Muon.
         t0 = training.synced_clock(device)
-        train_loss, x, y, state_before_xy = training.accumulate(train_model, train_loader, x, y, accum_steps, autocast)
+        train_loss, x, y, state_before_xy = training.accumulate(compiler.model, train_loader, x, y, accum_steps,
+                                                                autocast)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -239,6 +240,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
         training.optimizer_step(model, optimizers, lrm)
         dt = training.synced_clock(device) - t0
         step += 1
+        compiler.step_done(dt, num_iterations - step)
 
         # Logging: EMA of the train loss (debiased), throughput, FLOP/s and (on a known GPU) MFU.
         beta = 0.9
@@ -256,8 +258,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
                    f"dt {dt * 1000:.1f}ms | tok/s {tok_per_sec:,.0f} | flop/s {flops_per_sec:.3e}{mfu_text}")
             reporter.metrics(step, loss=debiased, tok_per_sec=tok_per_sec, mfu=mfu)
 
-    if master:
-        compile_policy.record(compile_decision.key, compile_decision.compile, [h["dt"] for h in history])
+    compiler.finish(master)
     summary = {
         "checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
         "min_val_bpb": loop_state["min_val_bpb"], "final_loss": history[-1]["loss"] if history else None,

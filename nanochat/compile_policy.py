@@ -1,13 +1,18 @@
 """
 Whether a training run should torch.compile its model (`--compile=auto`, the default of the training scripts).
 
-Compiling pays when the run is long enough: planned steps x (eager step - compiled step) > compile cost. The
-three figures are kept per shape (device, dtype, model config, batch, threads, torch version) in
-`<base_dir>/compile_decisions.json`; each run measures the ones its mode can see (an eager run its eager step;
-a compiled run its compiled step and its compile cost, the first step's excess over the later ones) and the next
-run of that shape decides from them. Until measured, the eager step is estimated from the step's FLOPs and a
-short matmul probe, and the speed-up and compile cost are priors (below). Inductor's artefacts persist under
-`<base_dir>/inductor_cache`, so a second compiled run of a shape compiles faster, and records that.
+Compiling pays when the run is long enough: steps left x (eager step - compiled step) > compile cost. The three
+figures are kept per shape (device, dtype, model config, batch, threads, torch version) in `compile_decisions.json`
+under the compile dir ($NANOCHAT_COMPILE_DIR, which the pipeline points at its workspace root so every run of a
+shape shares it; else the base dir). Each run records what its mode saw (eager steps; a compiled run's step and its
+compile cost, the first compiled step's excess over the later ones), and the next run of that shape decides from
+them at start.
+
+A shape never run before is not guessed from FLOPs (an estimate was 2x off on a 2-core CPU and compiled a run that
+lost by it): the run starts eager, times PROBE_STEPS steps (training steps, nothing is wasted) and then decides with
+its own eager step. Until a compiled run of the shape has been measured, the speed-up and compile cost are priors
+(below). Inductor's artefacts persist under `<compile dir>/inductor_cache`, so a second compiled run of a shape
+compiles in seconds, records that, and the decision follows.
 """
 
 from __future__ import annotations
@@ -17,31 +22,32 @@ import json
 import os
 import platform
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from nanochat.common import atomic_write, best_seconds, cpu_model_name, get_base_dir
+from nanochat.common import all_ranks, atomic_write, cpu_model_name, get_base_dir, print0
 
-# Priors, until a shape has been measured: the compiled step's speed-up and the compile cost in seconds.
-# CPU: +13-30% and 15-40 s measured on a 2-core EPYC (depth 4); CUDA: the usual gain of fused kernels.
+# Priors, until a compiled run of the shape has been measured: its speed-up and the cold compile cost in seconds.
+# CPU: 1.25x and 64-75 s cold (7-18 s from Inductor's cache) at depth 4 on a 2-core EPYC under load 3-6, up to
+# ~3 min under heavier load; CUDA: the usual gain of fused kernels.
 PRIOR_SPEEDUP = {"cpu": 1.2, "cuda": 1.3}
-PRIOR_COMPILE_S = {"cpu": 40.0, "cuda": 60.0}
-# The eager step is estimated at this fraction of the matmul probe's FLOP/s (measured 45-49% on CPU).
-EAGER_EFFICIENCY = 0.4
+PRIOR_COMPILE_S = {"cpu": 90.0, "cuda": 60.0}
+PROBE_STEPS = 3  # eager steps timed before an unmeasured shape decides; the first of them is warm-up
 CACHE_NAME = "compile_decisions.json"
 
 
-@dataclass
-class CompileDecision:
-    compile: bool
-    reason: str
-    key: str
+def compile_dir() -> Path:
+    """Where decisions and Inductor's cache live: $NANOCHAT_COMPILE_DIR, else the base dir."""
+    path = Path(os.environ.get("NANOCHAT_COMPILE_DIR") or get_base_dir())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def use_inductor_cache() -> None:
-    """Keep Inductor's compiled artefacts under the base dir (they survive /tmp cleaning and travel with it)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(get_base_dir() / "inductor_cache"))
+    """Keep Inductor's compiled artefacts in the compile dir (they survive /tmp cleaning and serve later runs)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_dir() / "inductor_cache"))
 
 
 def shape_key(device: torch.device, dtype: str, config: dict, batch: int, seq_len: int, world_size: int) -> str:
@@ -55,69 +61,118 @@ def shape_key(device: torch.device, dtype: str, config: dict, batch: int, seq_le
 
 def _load() -> dict:
     try:
-        return json.loads((get_base_dir() / CACHE_NAME).read_text())
+        table = json.loads((compile_dir() / CACHE_NAME).read_text())
+        return table if isinstance(table, dict) else {}
     except (OSError, ValueError):
-        return {}  # none yet, or unreadable: decide from estimates (and rewrite it)
+        return {}  # none yet, or unreadable: decide by probing (and rewrite it)
 
 
-def _matmul_flops(device: torch.device, dtype: str, n: int = 1024, iters: int = 3) -> float:
-    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    return 2 * n**3 / best_seconds(lambda: a @ a, device, iters)
+@dataclass
+class CompileDecision:
+    compile: bool | None  # None: not decided yet (auto, shape unmeasured: decided after PROBE_STEPS eager steps)
+    reason: str
+    key: str
 
 
-def decide(mode: str, key: str, device: torch.device, dtype: str, planned_steps: int,
-           step_flops: float) -> CompileDecision:
-    """mode yes/no: as asked. auto: compile iff planned_steps x (eager - compiled step) > compile cost."""
+def decide(mode: str, key: str, device: torch.device, steps_left: int,
+           eager_step_s: float | None = None) -> CompileDecision:
+    """
+    mode yes/no: as asked. auto: compile iff steps_left x (eager - compiled step) > compile cost, with the eager step
+    from this shape's table or eager_step_s (measured by this run); undecided if neither is known.
+    """
     if mode in ("yes", "no"):
         return CompileDecision(mode == "yes", f"--compile={mode}", key)
     if mode != "auto":
         raise ValueError(f"--compile must be auto, yes or no, got {mode!r}")
     if device.type not in PRIOR_SPEEDUP:
         return CompileDecision(False, f"torch.compile is not used on {device.type}", key)
-    known = _load().get(key, {})
-    if known.get("eager_step_s"):
-        eager, eager_src = known["eager_step_s"], "measured"
+    known = _load().get(key)
+    known = known if isinstance(known, dict) else {}
+    if eager_step_s is not None:
+        eager, eager_src = eager_step_s, f"timed over this run's first {PROBE_STEPS} steps"
+    elif isinstance(known.get("eager_step_s"), (int, float)):
+        eager, eager_src = float(known["eager_step_s"]), "measured by an earlier run"
+    elif steps_left <= PROBE_STEPS:
+        return CompileDecision(False, f"{steps_left} steps: too few to time, let alone amortise a compile", key)
     else:
-        eager, eager_src = step_flops / (EAGER_EFFICIENCY * _matmul_flops(device, dtype)), "estimated from FLOPs"
-    if known.get("compiled_step_s") and known.get("compile_s") is not None:
-        compiled, cost, src = known["compiled_step_s"], known["compile_s"], "measured"
+        return CompileDecision(None, f"this shape has no timings yet: deciding after {PROBE_STEPS} eager steps", key)
+    if isinstance(known.get("compiled_step_s"), (int, float)) and isinstance(known.get("compile_s"), (int, float)):
+        compiled, cost, src = float(known["compiled_step_s"]), float(known["compile_s"]), "measured"
     else:
         compiled, cost = eager / PRIOR_SPEEDUP[device.type], PRIOR_COMPILE_S[device.type]
         src = f"prior: {PRIOR_SPEEDUP[device.type]}x faster, {cost:.0f} s to compile"
-    saving = planned_steps * (eager - compiled) - cost
+    saving = steps_left * (eager - compiled) - cost
     use = saving > 0
-    reason = (f"{planned_steps} steps x (eager {eager:.3f} s [{eager_src}] - compiled {compiled:.3f} s) "
+    reason = (f"{steps_left} steps x (eager {eager:.3f} s [{eager_src}] - compiled {compiled:.3f} s) "
               f"{'>' if use else '<='} compile {cost:.1f} s [{src}]: {'saves' if use else 'would cost'} "
               f"{abs(saving):.0f} s")
     return CompileDecision(use, reason, key)
 
 
-def record(key: str, compiled: bool, step_times: list[float]) -> None:
-    """Store what this run measured for its shape: the median step (after the first), and when compiled, the
-    compile cost (the first step's excess over the median). Needs at least 3 steps to say anything."""
-    if len(step_times) < 3:
+def record(key: str, eager_times: list[float], compiled_times: list[float]) -> None:
+    """
+    Store what this run measured for its shape: the median eager step (after the first, which warms up), and with
+    at least 3 compiled steps the median compiled step and the compile cost (the first compiled step's excess).
+    """
+    entry = {}
+    if len(eager_times) >= 3:
+        entry["eager_step_s"] = statistics.median(eager_times[1:])
+    if len(compiled_times) >= 3:
+        median = statistics.median(compiled_times[1:])
+        entry.update(compiled_step_s=median, compile_s=max(0.0, compiled_times[0] - median))
+    if not entry:
         return
-    median = statistics.median(step_times[1:])
-    path = get_base_dir() / CACHE_NAME
     table = _load()
-    entry = table.setdefault(key, {})
-    if compiled:
-        entry.update(compiled_step_s=median, compile_s=max(0.0, step_times[0] - median))
-    else:
-        entry.update(eager_step_s=median)
-    atomic_write(path, lambda f: f.write(json.dumps(table, indent=1, sort_keys=True).encode()))
+    old = table.get(key)
+    table[key] = {**(old if isinstance(old, dict) else {}), **entry}
+    atomic_write(compile_dir() / CACHE_NAME, lambda f: f.write(json.dumps(table, indent=1, sort_keys=True).encode()))
+
+
+@dataclass
+class CompileSwitch:
+    """
+    The model a training loop runs (`.model`), compiled or not, per --compile. Call step_done(dt, steps_left) after
+    every optimizer step: it times the steps, takes a pending auto decision after PROBE_STEPS eager steps (every
+    rank takes rank 0's, in the same step), and finish() records the timings for the next run of the shape.
+    """
+
+    eager_model: torch.nn.Module
+    mode: str
+    device: torch.device
+    decision: CompileDecision
+    model: torch.nn.Module = field(init=False)
+    eager_times: list[float] = field(default_factory=list)
+    compiled_times: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.model = self.eager_model
+        if self.decision.compile is not None:
+            self._apply()
+
+    def _apply(self) -> None:
+        print0(f"torch.compile: {'yes' if self.decision.compile else 'no'} ({self.decision.reason})")
+        if self.decision.compile:
+            self.model = torch.compile(self.eager_model, dynamic=False)
+
+    def step_done(self, dt: float, steps_left: int) -> None:
+        (self.compiled_times if self.model is not self.eager_model else self.eager_times).append(dt)
+        if self.decision.compile is None and len(self.eager_times) == PROBE_STEPS:
+            eager = statistics.median(self.eager_times[1:])
+            # Every rank decides in this step, from rank 0's figures (their own timings differ a little).
+            self.decision = all_ranks(decide(self.mode, self.decision.key, self.device, steps_left, eager))[0]
+            self._apply()
+
+    def finish(self, master: bool) -> None:
+        if master:
+            record(self.decision.key, self.eager_times, self.compiled_times)
 
 
 def compile_for_run(model: torch.nn.Module, mode: str, device: torch.device, dtype: str, batch: int, seq_len: int,
-                    world_size: int, planned_steps: int, tokens_per_step: int,
-                    ) -> tuple[torch.nn.Module, CompileDecision]:
-    """The model to train with (compiled or not) and the decision, printed with its reason. Every rank uses
-    rank 0's decision (they would otherwise differ by their own timings of the probe)."""
-    from nanochat.common import all_ranks, print0
-
+                    world_size: int, planned_steps: int) -> CompileSwitch:
+    """The run's CompileSwitch; its decision (or that it will be taken after the probe steps) is printed now."""
     use_inductor_cache()
     key = shape_key(device, dtype, model.config.to_dict(), batch, seq_len, world_size)
-    decision = decide(mode, key, device, dtype, planned_steps, model.estimate_flops() * tokens_per_step)
-    decision.compile = bool(all_ranks(decision.compile)[0])
-    print0(f"torch.compile: {'yes' if decision.compile else 'no'} ({decision.reason})")
-    return (torch.compile(model, dynamic=False) if decision.compile else model), decision
+    decision = all_ranks(decide(mode, key, device, planned_steps))[0]  # nodes may hold different tables
+    if decision.compile is None:
+        print0(f"torch.compile: undecided ({decision.reason})")
+    return CompileSwitch(model, mode, device, decision)

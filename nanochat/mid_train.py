@@ -98,10 +98,8 @@ def train(args, rank, world_size, device, reporter) -> dict:
     else:  # one epoch of the mixture: what one batch advanced the loader says how many steps remain
         per_batch = max(train_loader.progress() - progress_before, 1e-9)
         planned_steps = max(0, round((1.0 - progress_before) / (per_batch * accum_steps)))
-    train_model, compile_decision = compile_policy.compile_for_run(
-        model, args.compile, device, args.dtype or default_dtype(device), B, T, world_size, planned_steps,
-        args.total_batch_size)
-    step_times: list[float] = []
+    compiler = compile_policy.compile_for_run(
+        model, args.compile, device, args.dtype or default_dtype(device), B, T, world_size, planned_steps)
     smooth, tok_per_sec = 0.0, 0.0
     while True:
         last_step = is_last_step()
@@ -123,12 +121,12 @@ def train(args, rank, world_size, device, reporter) -> dict:
             break
 
         t0 = training.synced_clock(device)
-        loss, x, y, state_before_xy = training.accumulate(train_model, train_loader, x, y, accum_steps, autocast)
+        loss, x, y, state_before_xy = training.accumulate(compiler.model, train_loader, x, y, accum_steps, autocast)
         lrm = lr_multiplier(progress())
         training.optimizer_step(model, optimizers, lrm)
         dt = training.synced_clock(device) - t0
-        step_times.append(dt)
         step += 1
+        compiler.step_done(dt, planned_steps - (step - start_step))
         smooth = 0.9 * smooth + 0.1 * loss.item()
         losses.append(smooth / (1 - 0.9**step))
         tok_per_sec = args.total_batch_size / dt
@@ -137,8 +135,7 @@ def train(args, rank, world_size, device, reporter) -> dict:
                    f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}")
             reporter.metrics(step, loss=losses[-1], progress=progress())
 
-    if rank == 0:
-        compile_policy.record(compile_decision.key, compile_decision.compile, step_times)
+    compiler.finish(rank == 0)
     summary = {"checkpoint_dir": str(checkpoint_dir), "step": step, "val_bpb": val_bpb,
                "final_loss": losses[-1] if losses else None, "tok_per_sec": tok_per_sec, "losses": losses}
     training.report_summary(reporter, summary)

@@ -255,6 +255,7 @@ class K8sTorchrunLauncher(Launcher):
         """The children's environment in the pod: host paths under the run directory moved to base_dir."""
         host_dir = env.get("NANOCHAT_BASE_DIR")
         pod_env = {k: _rebase(v, host_dir, self.base_dir) if host_dir else v for k, v in env.items()}
+        pod_env.pop("NANOCHAT_COMPILE_DIR", None)  # a host path outside the mounted run dir: the pod uses its own
         # Python block-buffers stdout without a terminal: progress would reach the pod log in bursts.
         pod_env = {"PYTHONUNBUFFERED": "1", **pod_env, **self.extra_env}
         if error := _credentials_error(pod_env, "the run's environment"):

@@ -45,8 +45,12 @@ class Workspace(dg.ConfigurableResource):
 
 
 def nanochat_env(run_dir: Path) -> dict[str, str]:
-    """Environment for nanochat entry points working inside run_dir."""
-    return {"NANOCHAT_BASE_DIR": str(run_dir), "NANOCHAT_DATA_DIR": str(run_dir / "base_data")}
+    """
+    Environment for nanochat entry points working inside run_dir (<root>/<run id>/<asset>). Compile decisions and
+    Inductor's cache are shared by every run under <root>/compile: a shape timed or compiled once is not again.
+    """
+    return {"NANOCHAT_BASE_DIR": str(run_dir), "NANOCHAT_DATA_DIR": str(run_dir / "base_data"),
+            "NANOCHAT_COMPILE_DIR": str(run_dir.parent.parent / "compile")}
 
 
 def fetch_into(store: ArtifactStore, key: str, dest: Path) -> Path:

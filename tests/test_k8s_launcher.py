@@ -61,6 +61,7 @@ def test_d20_pod_spec_is_a_valid_gpu_pod(monkeypatch):
     # Host paths are moved to the pod's base_dir, where the run's directory of the shared claim is mounted.
     assert env["NANOCHAT_BASE_DIR"] == "/workspace/nanochat"
     assert env["NANOCHAT_DATA_DIR"] == "/workspace/nanochat/base_data"
+    assert "NANOCHAT_COMPILE_DIR" not in env  # a host path outside the mounted run dir
     assert env["NCCL_DEBUG"] == "WARN"
     assert container["envFrom"] == [{"secretRef": {"name": "nanochat-s3"}}]
     assert spec["restartPolicy"] == "Never"
