@@ -82,10 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from app.models import load_candidate
     from importer.cli import ImportRequest, import_checkpoint
     from store.artifact_store import LocalArtifactStore
-    from store.catalog import discover
+    from store.catalog import discover, load_candidate
 
     with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
         root = Path(tmp)

@@ -34,7 +34,7 @@ from nanochat.tokenizer import RustBPETokenizer, fingerprint, save_token_bytes
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
 from store.keys import checkpoint_key, tokenizer_key
-from store.promotion import write_pointer
+from store.promotion import build_pointer, write_pointer
 
 PROFILE = "demo"
 # Instructions with full-length answers (the shared chatterbot dialogs would teach it to answer in three words).
@@ -114,13 +114,8 @@ def build_demo(root: str | Path, tokenizer=None, steps: int = 300, versions: int
                 eval_store.record(conn, run_id=version_run, stage="sft", checkpoint_id=info.sha256, step=step,
                                   uri=info.uri, profile=PROFILE, depth=n_layer, config=config.to_dict(),
                                   scores={eval_store.LOSS_TASKS[0]: {"val_loss": val_loss}})
-            write_pointer(store, {
-                "profile": PROFILE, "depth": n_layer,
-                "checkpoint": {"key": info.key, "uri": info.uri, "sha256": info.sha256, "stage": "sft", "step": step,
-                               "model_tag": model_tag},
-                "tokenizer": {"key": tok.key, "uri": tok.uri, "sha256": tok.sha256},
-                "scores": {}, "dagster_run_id": None, "git_sha": "demo",
-            })
+            write_pointer(store, build_pointer(PROFILE, n_layer, vars(info), "sft", step, model_tag, vars(tok), {},
+                                               dagster_run_id=None, git_sha="demo"))
             published["checkpoints"].append({"key": info.key, "sha256": info.sha256, "step": step,
                                              "val_loss": val_loss, "seconds": time.perf_counter() - started})
     return published

@@ -1,5 +1,5 @@
 """
-Promote an imported checkpoint: the same regression gate as a trained model (orchestration/defs/checks.py),
+Promote an imported checkpoint: the same regression gate as a trained model (store.promotion.compare_with_promoted),
 then the same promotion pointer (store/promotion.py) the app follows.
 
 The gate compares with the promoted import of the same size (profile "imported"). A regression is only a
@@ -15,30 +15,24 @@ from importer.cli import PROFILE
 from store.artifact_store import ArtifactStore
 from store.home import git_sha
 from store.keys import profile_pointer_key
-from store.promotion import read_pointer, write_pointer
+from store.promotion import build_pointer, compare_with_promoted, read_pointer, write_pointer
 
 
 def promote(store: ArtifactStore, result: dict, phase: str, tag: str, depth: int,
             log: Callable[[str], None]) -> dict:
-    from orchestration.defs.checks import regression_result
-
     what = "core" if phase == "base" else "chatcore"
     scores = result.get("scores") or {}
     promoted = read_pointer(store, profile_pointer_key(PROFILE, tag))
-    check = regression_result(scores.get(what), scores.get(f"{what}_label"), promoted, 0.0, what)
-    reason = check.metadata.get("reason")
-    gate = {"passed": bool(check.passed), "reason": reason.value if reason is not None else None}
-    if not check.passed:
+    verdict = compare_with_promoted(scores.get(what), scores.get(f"{what}_label"), promoted, 0.0, what)
+    gate = {"passed": bool(verdict["passed"]), "reason": verdict.get("reason")}
+    if not gate["passed"]:
         log(f"warning: promotion gate: {gate['reason'] or f'{what} is below the promoted import'} (an import is a "
             "different lineage: promoting anyway)")
-    pointer = {
-        "profile": PROFILE, "depth": depth,
-        "checkpoint": {"key": result["checkpoint_key"], "uri": result["checkpoint_uri"], "sha256": result["sha256"],
-                       "stage": phase, "step": result["step"], "model_tag": tag},
-        "tokenizer": {"key": result["tokenizer_key"], "uri": store.uri(result["tokenizer_key"]),
-                      "sha256": result["tokenizer_sha256"]},
-        "scores": scores, "source": result["source"], "revision": result["revision"], "git_sha": git_sha(),
-    }
+    checkpoint = {"key": result["checkpoint_key"], "uri": result["checkpoint_uri"], "sha256": result["sha256"]}
+    tokenizer = {"key": result["tokenizer_key"], "uri": store.uri(result["tokenizer_key"]),
+                 "sha256": result["tokenizer_sha256"]}
+    pointer = build_pointer(PROFILE, depth, checkpoint, phase, result["step"], tag, tokenizer, scores,
+                            source=result["source"], revision=result["revision"], git_sha=git_sha())
     uris = write_pointer(store, pointer)
     log(f"promoted: {uris['latest']}")
     return {"gate": gate, **uris}

@@ -13,13 +13,28 @@ Nothing here raises for one bad artifact: what cannot be read becomes a note (a 
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nanochat.checkpoint_manager import find_last_step, source_of, step_of
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    build_model,
+    find_last_step,
+    model_path,
+    read_meta,
+    recorded_tokenizer,
+    source_of,
+    step_of,
+)
+from nanochat.common import serving_dtype
+from nanochat.engine import Engine
 from nanochat.safe_io import clip
+from nanochat.tokenizer import load_tokenizer
 from store import eval_queries, keys
 from store.artifact_store import MANIFEST_NAME, ArtifactStore
 from store.promotion import LATEST_KEY, STAMP_FORMAT, check_pointer, read_pointer
@@ -31,6 +46,7 @@ MAX_HISTORY = 50  # promotions listed in the picker, newest first
 # How the picker tells the served promotion from earlier ones (a history entry is never the current one: the
 # first mention of a checkpoint wins, and the promoted one comes before the history).
 SOURCE_MARKS = {"promoted": "★ promoted · ", "history": "↩ earlier promotion · "}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -217,3 +233,61 @@ def _manifest_step(store: ArtifactStore, manifest_key: str) -> int | None:
     except Exception:
         return None
     return max(steps, default=None)
+
+
+# -----------------------------------------------------------------------------
+# Loading one (the app, importer.bench)
+
+
+@dataclass
+class Loaded:
+    """The model being served. Replaced as a whole on a switch; replies in flight keep the one they started with."""
+
+    candidate: Candidate
+    model: Any
+    tokenizer: Any
+    engine: Engine
+    meta: dict
+    step: int
+    sha256: str | None
+    device: str
+    load_seconds: float
+
+
+def tokenizer_key_for(candidate: Candidate, meta: dict) -> str:
+    """A published checkpoint's tokenizer: its pointer's, else the one its meta records (build_model refuses any but the
+    recorded one). Published before checkpoints recorded it and never promoted: refused, nothing says which."""
+    recorded = recorded_tokenizer(meta, candidate.id)
+    if candidate.tokenizer_key or recorded:
+        return candidate.tokenizer_key or recorded["key"]
+    raise CheckpointError(f"{candidate.id} does not record its tokenizer (published before checkpoints did): "
+                          "re-publish it (materialize its stage again, or nanochat-import it), or serve it with "
+                          "--checkpoint and --tokenizer-dir")
+
+
+def load_candidate(store: ArtifactStore | None, candidate: Candidate, device: str, dtype: str = "auto") -> Loaded:
+    """Download (into the sha-keyed cache) and build the model and tokenizer of a candidate."""
+    started = time.perf_counter()
+    sha256 = candidate.sha256
+    if candidate.checkpoint_dir is not None:
+        checkpoint_dir = candidate.checkpoint_dir
+    else:
+        if store is None:
+            raise CheckpointError(f"{candidate.id} is in an artifact store, but the app has none configured")
+        checkpoint_dir = store.get_dir(candidate.checkpoint_key)
+        # The cached copy holds the manifest it was verified against: its sha256 is the checkpoint's identity.
+        actual = hashlib.sha256((checkpoint_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+        if sha256 and actual != sha256:
+            log.warning("%s was republished: the pointer names sha256 %s, the store holds %s", candidate.id,
+                        sha256[:12], actual[:12])
+        sha256 = actual
+    step = candidate.step
+    if step is None or not model_path(checkpoint_dir, step).is_file():
+        step = find_last_step(checkpoint_dir)
+    key = None if candidate.checkpoint_dir else tokenizer_key_for(candidate, read_meta(checkpoint_dir, step))
+    tokenizer_dir = Path(store.get_dir(key) if key else candidate.tokenizer_dir)
+    model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase="eval", tokenizer=load_tokenizer(
+        tokenizer_dir), tokenizer_source=key or str(tokenizer_dir))
+    model.prepare_for_inference(serving_dtype(device, dtype))  # weights in the serving dtype, q/k/v fused
+    return Loaded(candidate, model, tokenizer, Engine(model, tokenizer), meta, step, sha256, str(device),
+                  time.perf_counter() - started)

@@ -11,6 +11,7 @@ artifacts that are already published (checkpoint and tokenizer directories with 
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,6 +20,39 @@ from store.keys import LATEST_KEY, history_key, profile_pointer_key
 
 POINTER_VERSION = 1
 STAMP_FORMAT = "%Y%m%dT%H%M%S%fZ"  # promoted_at and the history entries' names: UTC, sorts as text
+
+
+def build_pointer(profile: str, depth: int, checkpoint: dict[str, Any], stage: str, step: int, model_tag: str,
+                  tokenizer: dict[str, Any], scores: dict[str, Any], **provenance: Any) -> dict[str, Any]:
+    """
+    A pointer to publish with write_pointer. checkpoint and tokenizer are artifact references ({key, uri, sha256}:
+    extra fields are dropped); provenance is kept as given (dagster_run_id, git_sha, source, revision, ...).
+    """
+    def ref(artifact: dict[str, Any]) -> dict[str, Any]:
+        return {k: artifact[k] for k in ("key", "uri", "sha256") if k in artifact}
+    return {"profile": profile, "depth": int(depth),
+            "checkpoint": {**ref(checkpoint), "stage": stage, "step": int(step), "model_tag": model_tag},
+            "tokenizer": ref(tokenizer), "scores": dict(scores), **provenance}
+
+
+def compare_with_promoted(score: float | None, label: str | None, promoted: dict[str, Any] | None,
+                          tolerance: float, what: str) -> dict[str, Any]:
+    """
+    The promotion gate: is `score` (core or chatcore, with its coverage label) at least the promoted model's minus
+    tolerance? Returns {passed, severity ("warn": not comparable, does not block; "error": a regression blocks),
+    reason or the figures}. Only scores of the same label are compared: a CORE[18/22] is never held against a CORE.
+    """
+    if score is None or not math.isfinite(score):
+        return {"passed": False, "severity": "warn", "reason": f"no {what} was computed (see the asset's skip note)"}
+    if promoted is None:
+        return {"passed": True, "severity": "error", "reason": "no promoted model yet: nothing to beat"}
+    scores = promoted.get("scores") or {}
+    if scores.get(f"{what}_label") != label or scores.get(what) is None:
+        return {"passed": False, "severity": "warn", "promoted_label": str(scores.get(f"{what}_label")),
+                "reason": f"the promoted model's {what} covers different tasks: not comparable"}
+    floor = scores[what] - tolerance
+    return {"passed": score >= floor, "severity": "error", "promoted": scores[what], "floor": floor,
+            "promoted_checkpoint": promoted["checkpoint"]["sha256"]}
 
 
 def read_pointer(store: ArtifactStore, key: str = LATEST_KEY) -> dict[str, Any] | None:

@@ -19,7 +19,6 @@ import pytest
 import torch
 from botocore.config import Config
 
-from app.models import load_candidate
 from importer.cli import ImportRequest, import_checkpoint
 from importer.hub import SourceError
 from importer.layout import LayoutError
@@ -37,7 +36,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import fingerprint, save_token_bytes
 from store import eval_store
 from store.artifact_store import LocalArtifactStore
-from store.catalog import discover
+from store.catalog import discover, load_candidate
 from store.promotion import read_pointer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from orchestration.defs.resources import ArtifactStore
 from orchestration.partitions import partition_of, run_profile, upstream_metadata
 from orchestration.profiles import RunProfile
 from store.keys import profile_pointer_key
-from store.promotion import read_pointer
+from store.promotion import compare_with_promoted, read_pointer
 
 LOSS_KEYS = ("final_loss", "val_bpb", "min_val_bpb", "val_loss")
 
@@ -50,24 +50,12 @@ sft_checkpoint_finite_loss = finite_loss_check("sft_checkpoint")
 
 def regression_result(score, label, promoted: dict | None, tolerance: float, what: str,
                       partition: str | None = None) -> dg.AssetCheckResult:
-    """Compare a new score with the promoted model's score of the same label (see the module docstring)."""
-    meta = {"score": score, "label": label, "tolerance": tolerance, "partition": str(partition)}
-    warn = dg.AssetCheckSeverity.WARN
-    if score is None or not math.isfinite(score):
-        return dg.AssetCheckResult(passed=False, severity=warn,
-                                   metadata={**meta, "reason": f"no {what} was computed (see the asset's skip note)"})
-    if promoted is None:
-        return dg.AssetCheckResult(passed=True, metadata={**meta, "reason": "no promoted model yet: nothing to beat"})
-    scores = promoted.get("scores") or {}
-    if scores.get(f"{what}_label") != label or scores.get(what) is None:
-        return dg.AssetCheckResult(passed=False, severity=warn, metadata={
-            **meta, "promoted_label": str(scores.get(f"{what}_label")),
-            "reason": f"the promoted model's {what} covers different tasks: not comparable"})
-    floor = scores[what] - tolerance
-    return dg.AssetCheckResult(
-        passed=score >= floor, severity=dg.AssetCheckSeverity.ERROR,
-        metadata={**meta, "promoted": scores[what], "floor": floor,
-                  "promoted_checkpoint": promoted["checkpoint"]["sha256"]})
+    """Compare a new score with the promoted model's score of the same label (store.promotion owns the rule)."""
+    verdict = compare_with_promoted(score, label, promoted, tolerance, what)
+    severity = dg.AssetCheckSeverity.WARN if verdict.pop("severity") == "warn" else dg.AssetCheckSeverity.ERROR
+    passed = verdict.pop("passed")
+    meta = {"score": score, "label": label, "tolerance": tolerance, "partition": str(partition), **verdict}
+    return dg.AssetCheckResult(passed=passed, severity=severity, metadata=meta)
 
 
 def promoted_for(profile: RunProfile, artifacts: ArtifactStore) -> dict | None:

@@ -20,14 +20,10 @@ from orchestration.profiles import RunProfile
 from orchestration.workspace import retry_on_store_faults
 from store.home import git_sha
 from store.keys import report_key
-from store.promotion import write_pointer
+from store.promotion import build_pointer, write_pointer
 
 PIPELINE = ["raw_shards", "tokenizer", "base_checkpoint", "base_eval", "mid_checkpoint", "sft_checkpoint",
             "chat_eval"]
-
-
-def artifact_ref(meta: dict) -> dict:
-    return {k: meta[k] for k in ("key", "uri", "sha256") if k in meta}
 
 
 @dg.asset(group_name="serving", code_version="1", deps=["sft_checkpoint", "tokenizer", "base_eval", "chat_eval"],
@@ -43,12 +39,9 @@ def promoted_model(context: dg.AssetExecutionContext, profile: RunProfile,
         "chatcore": chat.get("chatcore"), "chatcore_label": chat.get("chatcore_label"),
         "chatcore_mid": md.number(chat, "chatcore_mid"),
     }.items() if v is not None}
-    pointer = {
-        "profile": profile.name.value, "depth": profile.settings()["depth"],
-        "checkpoint": {**artifact_ref(sft), "stage": "sft", "step": int(sft["step"]), "model_tag": profile.model_tag},
-        "tokenizer": artifact_ref(tok), "scores": scores, "dagster_run_id": context.run.run_id,
-        "trained_in_run": sft["dagster_run_id"], "git_sha": git_sha(),
-    }
+    pointer = build_pointer(profile.name.value, profile.settings()["depth"], sft, "sft", int(sft["step"]),
+                            profile.model_tag, tok, scores, dagster_run_id=context.run.run_id,
+                            trained_in_run=sft["dagster_run_id"], git_sha=git_sha())
     with retry_on_store_faults():
         uris = write_pointer(artifacts, pointer)
     if "core" not in scores or "chatcore" not in scores:
