@@ -29,11 +29,15 @@ import torch
 
 from nanochat.common import all_ranks, atomic_write, cpu_model_name, get_base_dir, print0
 
-# Priors, until a compiled run of the shape has been measured: its speed-up and the cold compile cost in seconds.
-# CPU: 1.25x and 64-75 s cold (7-18 s from Inductor's cache) at depth 4 on a 2-core EPYC under load 3-6, up to
-# ~3 min under heavier load; CUDA: the usual gain of fused kernels.
-PRIOR_SPEEDUP = {"cpu": 1.2, "cuda": 1.3}
-PRIOR_COMPILE_S = {"cpu": 90.0, "cuda": 60.0}
+# Priors, until a compiled run of the shape has been measured: the compiled step's speed-up, and the cold compile
+# cost. On CPU the cost is counted in eager steps of the run, because both slow down together when the machine is
+# shared: at depth 4 on a 2-core EPYC, +13-30% and 15-40 s (7-18 steps of 2.2 s) quiet; under load 3-6, 64-75 s
+# (5-7 steps of 10-15 s) and +0-25%. So a CPU run compiles when it has more than ~150 steps left (20 / (1 - 1/1.15)):
+# the tiny profile's 120-step stages stay eager on a quiet or a busy machine. CUDA: the usual gain of fused kernels,
+# and a compile that runs on the host's CPU, in seconds.
+PRIOR_SPEEDUP = {"cpu": 1.15, "cuda": 1.3}
+PRIOR_COMPILE_STEPS_CPU = 20
+PRIOR_COMPILE_S_CUDA = 60.0
 PROBE_STEPS = 3  # eager steps timed before an unmeasured shape decides; the first of them is warm-up
 CACHE_NAME = "compile_decisions.json"
 
@@ -99,8 +103,13 @@ def decide(mode: str, key: str, device: torch.device, steps_left: int,
     if isinstance(known.get("compiled_step_s"), (int, float)) and isinstance(known.get("compile_s"), (int, float)):
         compiled, cost, src = float(known["compiled_step_s"]), float(known["compile_s"]), "measured"
     else:
-        compiled, cost = eager / PRIOR_SPEEDUP[device.type], PRIOR_COMPILE_S[device.type]
-        src = f"prior: {PRIOR_SPEEDUP[device.type]}x faster, {cost:.0f} s to compile"
+        compiled = eager / PRIOR_SPEEDUP[device.type]
+        if device.type == "cpu":
+            cost = PRIOR_COMPILE_STEPS_CPU * eager
+            src = f"prior: {PRIOR_SPEEDUP['cpu']}x faster, compiling takes {PRIOR_COMPILE_STEPS_CPU} eager steps"
+        else:
+            cost = PRIOR_COMPILE_S_CUDA
+            src = f"prior: {PRIOR_SPEEDUP[device.type]}x faster, {cost:.0f} s to compile"
     saving = steps_left * (eager - compiled) - cost
     use = saving > 0
     reason = (f"{steps_left} steps x (eager {eager:.3f} s [{eager_src}] - compiled {compiled:.3f} s) "

@@ -62,6 +62,14 @@ def test_an_untimed_shape_waits_for_its_probe_steps_and_uses_priors(base_dir):
     assert fast.compile is False and "would cost" in fast.reason
 
 
+def test_on_cpu_the_prior_scales_with_the_machine_so_load_does_not_flip_the_decision(base_dir):
+    # The tiny profile's 120-step base stage (117 steps left after the probe) stays eager whether a step takes 0.5 s
+    # or a minute (a quiet or a crowded machine); 1,000 steps compile at any speed.
+    for eager in (0.5, 2.2, 9.0, 60.0):
+        assert compile_policy.decide("auto", key(), CPU, 117, eager_step_s=eager).compile is False, eager
+        assert compile_policy.decide("auto", key(), CPU, 1000, eager_step_s=eager).compile is True, eager
+
+
 def test_record_keeps_the_median_steps_and_the_compile_cost(base_dir):
     compile_policy.record(key(), eager_times=[3.0, 1.4, 1.5], compiled_times=[31.0, 1.0, 1.2, 0.9])
     compile_policy.record(key(), eager_times=[9.0, 9.0], compiled_times=[])  # too few steps: nothing changes
