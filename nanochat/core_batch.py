@@ -31,6 +31,7 @@ MIN_SAVED_TOKENS = 8
 # A group runs its shortest member's prefix length; it takes members whose prefix is within 1/GROUP_SLACK of it.
 GROUP_SLACK = 16
 BATCH_TOKENS = 8192  # rows x padded width of one flat forward pass
+PARTIAL_LAST_BLOCK = True  # A/B switch while measuring
 CHUNK_EXAMPLES = 256  # examples prepared (tokenized) at a time: bounds memory on a full task of 10,000
 
 
@@ -114,15 +115,23 @@ def score_pass(model, rows: list[list[int]], spans: list[tuple[int, int]], task_
     cross-entropy of its continuation, or (language_modeling) whether greedy decoding reproduces it."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long).to(device)
-    hidden = model.hidden_states(ids, kv_cache)
     # Position t predicts token t + 1: a span [start, end) is scored from positions start-1 .. end-2.
     row_idx = [i for i, (s, e) in enumerate(spans) for _ in range(e - s)]
     pos_idx = [t for s, e in spans for t in range(s - 1, e - 1)]
     row_idx_t = torch.tensor(row_idx, device=ids.device)
     pos_idx_t = torch.tensor(pos_idx, device=ids.device)
-    logits = model.unembed(hidden[row_idx_t, pos_idx_t])
-    targets = ids[row_idx_t, pos_idx_t + 1]
     lengths = [e - s for s, e in spans]
+    if PARTIAL_LAST_BLOCK:
+        # Only the scored positions' hidden states: each row's span from its start, padded to the longest span
+        # (slots past a row's span, clamped to the row, are computed and dropped).
+        at = torch.tensor([[min(s - 1 + j, width - 1) for j in range(max(lengths))] for s, _ in spans],
+                          device=ids.device)
+        keep = torch.tensor([[j < n for j in range(max(lengths))] for n in lengths], device=ids.device)
+        selected = model.hidden_states(ids, kv_cache, at=at)[keep]
+    else:
+        selected = model.hidden_states(ids, kv_cache)[row_idx_t, pos_idx_t]
+    logits = model.unembed(selected)
+    targets = ids[row_idx_t, pos_idx_t + 1]
     if task_type == "language_modeling":
         hits = (logits.argmax(dim=-1) == targets).split(lengths)
         return [bool(h.all()) for h in hits]
@@ -161,7 +170,9 @@ def score_examples(model, examples: list[Prepared], task_type: str, pad_id: int,
         prefixes = torch.tensor([examples[e].rows[0][:shared] for e in members], dtype=torch.long, device=device)
         row_map = torch.tensor([j for j, e in enumerate(members) for _ in examples[e].rows], device=device)
         cache = PrefixCache(model.config.n_layer, row_map)
-        model.hidden_states(prefixes, cache)
+        # No prefix position is scored: its last block computes only the keys and values.
+        none = torch.zeros((len(members), 0), dtype=torch.long, device=device) if PARTIAL_LAST_BLOCK else None
+        model.hidden_states(prefixes, cache, at=none)
         scores = score_pass(model, [r[shared:] for e in members for r in examples[e].rows],
                             [(s - shared, end - shared) for e in members for s, end in examples[e].spans],
                             task_type, pad_id, device, cache)
