@@ -139,7 +139,8 @@ class CausalSelfAttention(nn.Module):
     def forward_at(self, x: torch.Tensor, pos: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                    kv_cache=None) -> torch.Tensor:
         """forward's output at positions pos (B, W) of each row only, (B, W, n_embd): keys and values for every
-        position (into kv_cache too), queries and attention for those W. The same arithmetic per position."""
+        position (into kv_cache too), queries and attention for those W. The same arithmetic per position (a
+        matmul over fewer rows may round its last bit differently)."""
         B, T, _ = x.size()
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         cos, sin = cos_sin
