@@ -339,6 +339,9 @@ def add_core_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-task", type=int, default=50, help="examples per task (-1: all)")
     p.add_argument("--tasks", default="", help="comma-separated CORE labels (default: all)")
     p.add_argument("--bundle-dir", default=None)
+    p.add_argument("--model-vocab-size", type=int, default=0, help="rows of the random model's embedding and "
+                   "lm_head (default: the tokenizer's vocab); e.g. the original's 65,536 where a BPE trained on "
+                   "the shared text stops short of it")
     p.add_argument("--baseline", action="store_true", help="also time the original nanochat's per-example loop "
                    "on the same model and examples, task by task (nanochat/bench_core.py)")
 

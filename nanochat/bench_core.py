@@ -7,7 +7,8 @@ its choices as the rows, logits (soft-capped) at every position, per-position cr
 the whole (B, T, V) tensor, then the mean of each row's continuation slice. Its prompts are rendered and
 tokenized by our code (the original renders a Jinja template per example, which is slower): the ratio is, if
 anything, in the original's favour. `identical` says whether every per-row score (mean loss, or the greedy
-verdict) is bit-identical to the baseline's.
+verdict) is bit-identical to the baseline's, `same_answers` whether every example's outcome (chosen option, or
+verdict) is the same, `max_rel_diff` the largest relative difference of a mean loss.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from nanochat.bench import device_and_dtype, load_or_train_tokenizer, machine_info, random_model
 from nanochat.common import autocast_for, eval_dtype
+from nanochat.core_batch import outcome
 from nanochat.core_eval import (
     SHUFFLE_SEED,
     evaluate_core,
@@ -73,8 +75,8 @@ def original_task_scores(model, tokenizer, data: list[dict], task_type: str, num
 def compare_with_original(model, tokenizer, device, autocast, bundle_dir, max_per_task: int,
                           tasks: list[str] | None) -> dict:
     """Per task type: examples, seconds and examples/s of ours and of the original's loop (alternating which
-    runs first, task by task, so that load on a shared machine hits both alike), their ratio, and whether every
-    score was identical."""
+    runs first, task by task, so that load on a shared machine hits both alike), their ratio, whether every
+    score was identical, every answer the same, and the largest relative difference of a mean loss."""
     by_type: dict[str, dict] = {}
     model.eval()
     with autocast:
@@ -89,17 +91,25 @@ def compare_with_original(model, tokenizer, device, autocast, bundle_dir, max_pe
                 scores = task_scores(*args)[2] if which == "ours" else original_task_scores(*args)
                 timed[which] = (time.perf_counter() - t0, scores)
             entry = by_type.setdefault(task["task_type"], {"tasks": 0, "examples": 0, "ours_s": 0.0,
-                                                           "original_s": 0.0, "identical": True})
+                                                           "original_s": 0.0, "identical": True,
+                                                           "same_answers": True, "max_rel_diff": 0.0})
             entry["tasks"] += 1
             entry["examples"] += len(timed["ours"][1])
             entry["ours_s"] += timed["ours"][0]
             entry["original_s"] += timed["original"][0]
-            entry["identical"] &= timed["ours"][1] == timed["original"][1]
+            ours, original = timed["ours"][1], timed["original"][1]
+            entry["identical"] &= ours == original
+            entry["same_answers"] &= all(outcome(a, task["task_type"]) == outcome(b, task["task_type"])
+                                         for a, b in zip(ours, original, strict=True))
+            if task["task_type"] != "language_modeling":
+                entry["max_rel_diff"] = max([entry["max_rel_diff"]] + [abs(x - y) / max(abs(y), 1e-30)
+                                            for a, b in zip(ours, original) for x, y in zip(a, b, strict=True)])
     for entry in by_type.values():
         entry["ours_examples_per_sec"] = round(entry["examples"] / entry["ours_s"], 2)
         entry["original_examples_per_sec"] = round(entry["examples"] / entry["original_s"], 2)
         entry["ratio"] = round(entry["original_s"] / entry["ours_s"], 2)
         entry["ours_s"], entry["original_s"] = round(entry["ours_s"], 3), round(entry["original_s"], 3)
+        entry["max_rel_diff"] = float(f"{entry['max_rel_diff']:.2g}")
     return by_type
 
 
@@ -118,7 +128,11 @@ def bench_core(args, tokenizer=None) -> dict:
         model_name = f"{args.checkpoint_dir} step {step}"
     else:
         tokenizer = tokenizer or load_or_train_tokenizer(args.tokenizer_dir, args.vocab_size)
-        model = random_model(args, tokenizer.get_vocab_size(), device, args.seq_len)
+        vocab = tokenizer.get_vocab_size()
+        model_vocab = getattr(args, "model_vocab_size", 0) or vocab
+        if model_vocab < vocab:
+            raise ValueError(f"--model-vocab-size {model_vocab} is smaller than the tokenizer's vocab {vocab}")
+        model = random_model(args, model_vocab, device, args.seq_len)
         torch.nn.init.normal_(model.lm_head.weight, std=0.02)  # a zero lm_head would make every choice tie
         model_name = f"random d{args.depth}"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None

@@ -4,18 +4,20 @@ Batched CORE scoring: the forward passes behind nanochat.core_eval.
 The original nanochat runs one forward pass per example (its choices as the rows) and unembeds every position.
 Here, for a chunk of examples at a time:
 - rows are tokenized in one call, cropped once, sorted by length and packed into forward passes of up to
-  `batch_tokens` tokens (rows of many examples together, right-padded once per pass);
+  `batch_tokens` tokens (rows of many examples together, right-padded once per pass, at most 1/8 padding);
 - a multiple-choice (or schema) example whose options share a token prefix (the few-shot block and the query)
   runs that prefix once and then only each option's remainder, attending to the prefix's keys/values
   (`shares_prefix`); examples with prefixes of (nearly) one length do so together, one pass for their
   prefixes and one for all their options' remainders (`prefix_groups`);
-- only the positions that predict a continuation token go through lm_head.
+- only the positions that predict a continuation token go through lm_head, and through the last block's
+  queries, attention and MLP (`GPT.hidden_states(at=...)`: every position still gives that block its keys
+  and values; a shared prefix runs nothing else there).
 
 Right padding never changes a real token's result: attention is causal, so padding (after every real token)
 is seen by no real position, and a shared prefix's keys/values are the ones each row would compute. The losses
 equal the original's per-example pass in fp32 up to float rounding (a row's sums can depend on the shapes it
-is computed in, as on the thread count) and give the same answers (tests/test_core_eval.py); on the 2-core
-EPYC they come out bit-identical (`bench core --baseline` reports `identical`).
+is computed in, as on the thread count) and give the same answers (tests/test_core_eval.py); `bench core
+--baseline` reports whether they came out bit-identical, the same answers, and the largest relative difference.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ MIN_SAVED_TOKENS = 8
 # A group runs its shortest member's prefix length; it takes members whose prefix is within 1/GROUP_SLACK of it.
 GROUP_SLACK = 16
 BATCH_TOKENS = 8192  # rows x padded width of one flat forward pass
+# pack closes a pass before its padding passes 1/PASS_WASTE of it, once it holds MIN_PASS_TOKENS (smaller
+# passes pay their per-op overhead for little): fewer padded tokens through the model.
+PASS_WASTE = 8
+MIN_PASS_TOKENS = 1024
 CHUNK_EXAMPLES = 256  # examples prepared (tokenized) at a time: bounds memory on a full task of 10,000
 
 
@@ -114,15 +120,20 @@ def score_pass(model, rows: list[list[int]], spans: list[tuple[int, int]], task_
     cross-entropy of its continuation, or (language_modeling) whether greedy decoding reproduces it."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long).to(device)
-    hidden = model.hidden_states(ids, kv_cache)
     # Position t predicts token t + 1: a span [start, end) is scored from positions start-1 .. end-2.
     row_idx = [i for i, (s, e) in enumerate(spans) for _ in range(e - s)]
     pos_idx = [t for s, e in spans for t in range(s - 1, e - 1)]
     row_idx_t = torch.tensor(row_idx, device=ids.device)
     pos_idx_t = torch.tensor(pos_idx, device=ids.device)
-    logits = model.unembed(hidden[row_idx_t, pos_idx_t])
-    targets = ids[row_idx_t, pos_idx_t + 1]
     lengths = [e - s for s, e in spans]
+    # Only the scored positions' hidden states (the last block's queries, attention and MLP for them alone):
+    # each row's span from its start, padded to the longest span (slots past a row's span, clamped to the row,
+    # are computed and dropped).
+    at = torch.tensor([[min(s - 1 + j, width - 1) for j in range(max(lengths))] for s, _ in spans],
+                      device=ids.device)
+    keep = torch.tensor([[j < n for j in range(max(lengths))] for n in lengths], device=ids.device)
+    logits = model.unembed(model.hidden_states(ids, kv_cache, at=at)[keep])
+    targets = ids[row_idx_t, pos_idx_t + 1]
     if task_type == "language_modeling":
         hits = (logits.argmax(dim=-1) == targets).split(lengths)
         return [bool(h.all()) for h in hits]
@@ -133,14 +144,23 @@ def score_pass(model, rows: list[list[int]], spans: list[tuple[int, int]], task_
 
 def pack(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Indices of rows grouped into passes: sorted by length, each pass at most batch_tokens (rows x the
-    longest), so padding stays small. A row longer than batch_tokens gets a pass of its own."""
+    longest), and once it holds MIN_PASS_TOKENS, closed before padding would pass 1/PASS_WASTE of it. A row
+    longer than batch_tokens gets a pass of its own."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     passes: list[list[int]] = []
+    real = 0
     for i in order:
-        if passes and (len(passes[-1]) + 1) * lengths[i] <= batch_tokens:
-            passes[-1].append(i)
-        else:
-            passes.append([i])
+        if passes:
+            rows, width = len(passes[-1]), lengths[passes[-1][-1]]
+            padded = (rows + 1) * lengths[i]
+            small = rows * width < MIN_PASS_TOKENS
+            tight = not PASS_WASTE or (padded - real - lengths[i]) * PASS_WASTE <= padded
+            if padded <= batch_tokens and (small or tight):
+                passes[-1].append(i)
+                real += lengths[i]
+                continue
+        passes.append([i])
+        real = lengths[i]
     return passes
 
 
@@ -161,7 +181,8 @@ def score_examples(model, examples: list[Prepared], task_type: str, pad_id: int,
         prefixes = torch.tensor([examples[e].rows[0][:shared] for e in members], dtype=torch.long, device=device)
         row_map = torch.tensor([j for j, e in enumerate(members) for _ in examples[e].rows], device=device)
         cache = PrefixCache(model.config.n_layer, row_map)
-        model.hidden_states(prefixes, cache)
+        # No prefix position is scored: its last block computes only the keys and values.
+        model.hidden_states(prefixes, cache, at=torch.zeros((len(members), 0), dtype=torch.long, device=device))
         scores = score_pass(model, [r[shared:] for e in members for r in examples[e].rows],
                             [(s - shared, end - shared) for e in members for s, end in examples[e].spans],
                             task_type, pad_id, device, cache)

@@ -136,6 +136,29 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                   kv_cache=None) -> torch.Tensor:
+        """forward's output at positions pos (B, W) of each row only, (B, W, n_embd): keys and values for every
+        position (into kv_cache too), queries and attention for those W. The same arithmetic per position (a
+        matmul over fewer rows may round its last bit differently)."""
+        B, T, _ = x.size()
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        cos, sin = cos_sin
+        k = norm(apply_rotary_emb(self.c_k(x).view(B, T, Hkv, D), cos, sin)).transpose(1, 2)
+        v = self.c_v(x).view(B, T, Hkv, D).transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        W = pos.size(1)
+        if W == 0:
+            return x.new_zeros(B, 0, self.n_embd)
+        xq = x.gather(1, pos.unsqueeze(-1).expand(B, W, x.size(-1)))
+        q = norm(apply_rotary_emb(self.c_q(xq).view(B, W, H, D), cos[0, pos], sin[0, pos])).transpose(1, 2)
+        # Query at position p (after the cache's Tk - T) sees keys up to Tk - T + p.
+        Tk = k.size(2)
+        mask = torch.arange(Tk, device=x.device) <= (pos + (Tk - T)).unsqueeze(-1)  # (B, W, Tk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=H != Hkv)
+        return self.c_proj(y.transpose(1, 2).reshape(B, W, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -157,6 +180,12 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos_sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
+
+    def forward_at(self, x: torch.Tensor, pos: torch.Tensor, cos_sin, kv_cache=None) -> torch.Tensor:
+        """forward's output at positions pos (B, W) of each row only (keys/values still from every position)."""
+        xs = x.gather(1, pos.unsqueeze(-1).expand(*pos.shape, x.size(-1)))
+        xs = xs + self.attn.forward_at(norm(x), pos, cos_sin, kv_cache)
+        return xs + self.mlp(norm(xs))
 
 
 class GPT(nn.Module):
@@ -314,9 +343,11 @@ class GPT(nn.Module):
                                          LOGIT_SOFTCAP, reduction=loss_reduction)
         return self.unembed(x)
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache=None, at: torch.Tensor | None = None) -> torch.Tensor:
         """The final normed activations (B, T, n_embd), before lm_head: callers that need the logits of only a
-        few positions (CORE scores continuation tokens) unembed just those."""
+        few positions (CORE scores continuation tokens) unembed just those. With at (B, W) positions: only those
+        positions' activations (B, W, n_embd), the last block computing keys and values for every position and
+        the rest (queries, attention, MLP: ~5/6 of its work) for those alone; W = 0 fills kv_cache only."""
         T = idx.size(1)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         # A KV cache may carry its own tables (GPT.rotary_tables, built by the Engine for the cache's length).
@@ -331,8 +362,11 @@ class GPT(nn.Module):
             # A bf16 embedding (as on CUDA) feeding fp32 layers without autocast: match the layers' dtype.
             x = x.to(self.lm_head.weight.dtype)
         x = norm(x)
-        for block in self.transformer.h:
+        blocks = self.transformer.h
+        for block in blocks if at is None else blocks[:-1]:
             x = block(x, cos_sin, kv_cache)
+        if at is not None:
+            x = blocks[-1].forward_at(x, at, cos_sin, kv_cache)
         x = norm(x)
         return x
 

@@ -433,7 +433,8 @@ def test_bench_core_prints_examples_per_second(eval_env, bundle, capsys):
     vs = printed["vs_original"]
     assert {k: v["examples"] for k, v in vs.items()} == {"multiple_choice": 2, "schema": 2, "language_modeling": 2}
     assert all(v["ours_examples_per_sec"] > 0 and v["original_examples_per_sec"] > 0 and v["ratio"] > 0
-               and isinstance(v["identical"], bool) for v in vs.values())
+               and isinstance(v["identical"], bool) and v["same_answers"] is True for v in vs.values())
+    assert all(0 <= v["max_rel_diff"] <= 1e-5 for v in vs.values())
 
 
 @pytest.mark.slow

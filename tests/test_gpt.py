@@ -123,6 +123,38 @@ def test_serving_form_keeps_the_state_dict_and_the_logits():
     assert (bf16 - before).abs().max() < 0.25  # soft-capped logits span +-15; bf16 keeps 8 bits of mantissa
 
 
+@pytest.mark.parametrize("serving", [False, True], ids=["plain", "serving"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["mha", "gqa", "mqa"])
+def test_hidden_states_at_some_positions_equal_the_full_models(config, serving):
+    """hidden_states(at=positions) (the last block's queries, attention and MLP for those positions only) gives
+    the full pass's hidden states there, per row, also after a shared prefix in a PrefixCache that was filled by
+    an at-no-position pass; other positions change nothing."""
+    from nanochat.core_batch import PrefixCache
+
+    model = make_model(config).eval()
+    if serving:
+        model.prepare_for_inference(torch.float32)
+    B, T, P, C = 3, 20, 8, config.n_embd
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    at = torch.tensor([[3, 4, 5], [10, 11, 12], [17, 18, 19]])
+    with torch.no_grad():
+        full = model.hidden_states(idx)
+        torch.testing.assert_close(model.hidden_states(idx, at=at), full.gather(1, at[..., None].expand(B, 3, C)),
+                                   atol=1e-5, rtol=1e-5)
+        changed = idx.clone()
+        changed[0, 6:] = (changed[0, 6:] + 1) % config.vocab_size  # after row 0's positions: no effect there
+        assert torch.equal(model.hidden_states(changed, at=at)[0], model.hidden_states(idx, at=at)[0])
+        # Rows 0 and 1 continue prefix 0 (the first P tokens of idx[0]), row 2 continues prefix 1.
+        prefixes = idx[:2, :P]
+        cache = PrefixCache(config.n_layer, torch.tensor([0, 0, 1]))
+        assert model.hidden_states(prefixes, cache, at=torch.zeros((2, 0), dtype=torch.long)).shape == (2, 0, C)
+        rows = torch.cat([prefixes[[0, 0, 1]], idx[:, P:]], dim=1)
+        rest_at = torch.tensor([[0, 1, 2], [2, 3, 4], [9, 10, 11]])
+        got = model.hidden_states(idx[:, P:], cache, at=rest_at)
+        expected = model.hidden_states(rows).gather(1, (rest_at + P)[..., None].expand(B, 3, C))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_one_pass_rotary_is_bit_identical():
     x = torch.randn(2, 7, 3, 16)
     cos, sin = torch.randn(1, 7, 1, 8).bfloat16(), torch.randn(1, 7, 1, 8).bfloat16()
