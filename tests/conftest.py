@@ -114,3 +114,38 @@ def s3_store(s3_server):
                  config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket=bucket)
     return S3ArtifactStore(bucket=bucket, prefix="runs", endpoint_url=s3_server.endpoint_url, region_name=REGION,
                            max_attempts=2, operation_retries=1)
+
+
+# --- The chat app's demo: tiny promoted checkpoints (tests/test_app*.py) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, small_tokenizer):
+    """Two tiny chat models (v1, v2; 40 training steps apart) published like the pipeline publishes them, both
+    promoted in turn (v2 is the latest), with eval history; plus test-only CORE/ChatCORE rows for v1.
+
+    Module-scoped: each app test module gets its own (tests change the store and restore it within a module)."""
+    from app_server import SEQUENCE_LEN
+
+    from importer.demo import build_demo
+    from store import eval_store
+
+    root = tmp_path_factory.mktemp("app-demo")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1-layer model: one thread is fastest, and it does not collapse on a busy machine
+    try:  # 40 steps (~2 s) teach it the commonest tokens, so replies stream readable text rather than stray bytes
+        out = build_demo(root, tokenizer=small_tokenizer, steps=40, versions=2, sequence_len=SEQUENCE_LEN, n_embd=32,
+                         n_layer=1)
+    finally:
+        torch.set_num_threads(threads)
+    v1, v2 = out["checkpoints"]
+    with eval_store.connect_rw(out["db_path"]) as conn:  # made-up numbers, for the picker's labels only
+        run = v1["key"].rsplit("/", 1)[1]
+        eval_store.record_eval_results(conn, run, "sft", v1["sha256"], {"all": {"ChatCORE[5/6]": 0.1234}},
+                                       profile="demo", depth=1)
+        eval_store.record_eval_results(conn, run, "base", "base-of-v1", {"all": {"CORE[18/22]": 0.0567},
+                                                                          "hellaswag": {"accuracy": 0.31}},
+                                       profile="demo", depth=1)
+        eval_store.record_eval_results(conn, run, "sft", v1["sha256"], {"ARC-Easy": {"accuracy": 0.28}},
+                                       profile="demo", depth=1)
+    return {**out, "root": root, "v1": v1, "v2": v2}

@@ -6,16 +6,14 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import dagster as dg
 import pytest
-from s3server import free_port, raw_keys, s3_store_like
+from artifact_files import MB, make_tree, write_random
+from s3server import raw_keys, s3_store_like
 
 from orchestration.defs import resources
 from store.artifact_store import (
@@ -23,13 +21,10 @@ from store.artifact_store import (
     ArtifactFileError,
     ArtifactIntegrityError,
     ArtifactStore,
-    ArtifactStoreError,
     LocalArtifactStore,
     artifact_store_from_url,
 )
 from store.s3_store import S3ArtifactStore
-
-MB = 1 << 20
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -37,26 +32,6 @@ def store(request, tmp_path) -> ArtifactStore:
     if request.param == "local":
         return LocalArtifactStore(root=str(tmp_path / "store"))
     return request.getfixturevalue("s3_store")
-
-
-def write_random(path: Path, size: int) -> bytes:
-    data = os.urandom(size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
-def make_tree(root: Path) -> dict[str, bytes]:
-    files = {
-        "config.json": b'{"n_layer": 4}\n',
-        "sub/model.bin": os.urandom(300_000),
-        "sub/deeper/notes with space.txt": "ünïcode\n".encode(),
-        ".hidden": b"x",
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return files
 
 
 def count_calls(store: S3ArtifactStore, event: str = "after-call.s3") -> Counter:
@@ -296,118 +271,6 @@ def test_manifest_paths_cannot_escape_the_cache(tmp_path):
         store.get_dir("evil", cache_dir=tmp_path / "cache")
 
 
-# --- faults --------------------------------------------------------------------------------------------------------
-
-
-class PartGate:
-    """Lets the first `let_through` parts of a multipart upload go, holds the others until `release()`.
-
-    Hooks on the real boto3 client only order events: the test stops the real server between the first parts and
-    the rest, so the fault always lands in the middle of the upload however fast the machine is.
-    """
-
-    def __init__(self, store: S3ArtifactStore, let_through: int = 2) -> None:
-        self.let_through, self.done = let_through, 0
-        self.first_parts_done, self.released = threading.Event(), threading.Event()
-        self.lock = threading.Lock()
-        store.client.meta.events.register("before-parameter-build.s3.UploadPart", self._before)
-        store.client.meta.events.register("after-call.s3.UploadPart", self._after)
-
-    def _before(self, params, **_):
-        if params["PartNumber"] > self.let_through:
-            self.released.wait(60)
-
-    def _after(self, http_response, **_):
-        with self.lock:
-            self.done += http_response.status_code == 200
-            if self.done >= self.let_through:
-                self.first_parts_done.set()
-
-    def release(self) -> None:
-        self.released.set()
-
-
-def upload_while_server_stops(server, store: S3ArtifactStore, upload) -> tuple[BaseException | None, float]:
-    """Run upload() in a thread, stop the server after its first parts; the error and seconds from stop to error."""
-    gate = PartGate(store)
-    outcome: dict[str, BaseException] = {}
-
-    def run() -> None:
-        try:
-            upload()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    try:
-        assert gate.first_parts_done.wait(30), "the first parts never completed"
-        server.stop()
-        stopped = time.monotonic()
-        gate.release()
-        worker.join(60)
-        assert not worker.is_alive(), "the upload hangs after the server stopped"
-        return outcome.get("error"), time.monotonic() - stopped
-    finally:
-        gate.release()
-        server.start()  # same data dir and ports: later tests keep their server
-
-
-def test_server_stopping_mid_multipart_upload_leaves_no_partial_object(s3_server, s3_store, tmp_path):
-    store = s3_store_like(s3_store, multipart_threshold_mb=5, multipart_chunksize_mb=5)
-    write_random(tmp_path / "big.bin", 30 * MB)
-
-    error, seconds = upload_while_server_stops(
-        s3_server, store, lambda: store.put_file(tmp_path / "big.bin", "ckpt/big.bin")
-    )
-
-    assert isinstance(error, ArtifactStoreError), repr(error)
-    message = str(error)
-    assert "ckpt/big.bin" in message and s3_server.endpoint_url in message and "Check that" in message
-    assert "testsecret" not in message
-    assert seconds < 30, f"the failure took {seconds:.1f} s to surface"
-    # Restarted: the final key never became visible.
-    assert not store.exists("ckpt/big.bin")
-    assert "runs/ckpt/big.bin" not in raw_keys(store)
-    assert store.list_keys("") == []
-
-
-def test_server_stopping_mid_put_dir_publishes_no_manifest(s3_server, s3_store, tmp_path):
-    store = s3_store_like(s3_store, multipart_threshold_mb=5, multipart_chunksize_mb=5)
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "meta.json").write_text('{"step": 20}')  # sorts first: uploaded before the fault
-    write_random(tmp_path / "ckpt" / "model.pt", 30 * MB)
-
-    error, seconds = upload_while_server_stops(s3_server, store, lambda: store.put_dir(tmp_path / "ckpt", "base/run7"))
-
-    assert isinstance(error, ArtifactStoreError) and "base/run7/model.pt" in str(error), repr(error)
-    assert seconds < 30
-    assert not store.is_published("base/run7")
-    assert not store.exists("base/run7/model.pt")
-    with pytest.raises(FileNotFoundError):
-        store.get_dir("base/run7", cache_dir=tmp_path / "cache")
-
-
-def test_unreachable_endpoint_fails_quickly_with_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testkey")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testsecret")
-    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    store = S3ArtifactStore(
-        bucket="nowhere", endpoint_url=endpoint, region_name="us-east-1", max_attempts=3, operation_retries=1
-    )
-    write_random(tmp_path / "f", 10)
-
-    start = time.monotonic()
-    with pytest.raises(ArtifactStoreError) as info:
-        store.put_file(tmp_path / "f", "reports/r.json")
-    seconds = time.monotonic() - start
-
-    message = str(info.value)
-    assert "reports/r.json" in message and endpoint in message and "2 attempt(s)" in message
-    assert "testsecret" not in message
-    assert seconds < 15, f"took {seconds:.1f} s"
-
-
 # --- factory and Dagster -------------------------------------------------------------------------------------------
 
 
@@ -522,43 +385,3 @@ def test_a_link_in_the_download_cache_is_replaced_not_trusted(store, tmp_path):
     model = again / "sub/model.bin"
     assert not model.is_symlink() and model.read_bytes() == files["sub/model.bin"]
     assert victim.read_bytes() == files["sub/model.bin"]  # the link was replaced, its target left alone
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The boundary: the app, the stores and the importer import neither Dagster nor the code location (layers go one way:
-# orchestration wraps store and importer; the app reads store).
-
-def test_the_app_the_stores_and_the_importer_import_no_dagster():
-    code = ("import importlib, pkgutil, sys\n"
-            "for pkg in ('app', 'store', 'importer'):\n"
-            "    mod = importlib.import_module(pkg)\n"
-            "    for m in pkgutil.iter_modules(mod.__path__):\n"
-            "        if m.name != '__main__' or pkg == 'app': importlib.import_module(pkg + '.' + m.name)\n"
-            "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('dagster', 'orchestration')\n"
-            "              or m.startswith('dagster_')}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]", f"imported Dagster or orchestration: {out.stdout}"
-
-
-def test_no_import_anywhere_in_a_module_crosses_the_layers():
-    """Also the imports inside functions, which importing the modules above does not run."""
-    import ast
-
-    root = Path(__file__).resolve().parent.parent
-    # A package may import only from the layers below it (nanochat is the bottom: it imports none of these). The
-    # one Dagster import allowed below orchestration is dagster_pipes, the dependency-free child side of Pipes.
-    forbidden = {"nanochat": {"app", "store", "importer", "orchestration", "dagster"},
-                 "store": {"app", "importer", "orchestration", "dagster"},
-                 "importer": {"app", "orchestration", "dagster"},
-                 "app": {"orchestration", "importer", "dagster"}}
-    crossings = []
-    for pkg, banned in forbidden.items():
-        for path in sorted((root / pkg).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-                crossings += [f"{path.relative_to(root)}:{node.lineno} imports {n}" for n in names
-                              if n.split(".")[0] in banned or (n.startswith("dagster_") and n != "dagster_pipes")]
-    assert not crossings, "\n".join(crossings)
