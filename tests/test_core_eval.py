@@ -21,7 +21,6 @@ import torch
 import yaml
 
 from nanochat import base_eval, bench
-from nanochat.bench_core import original_task_scores
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.core_eval import (
     EvalBundleError,
@@ -456,47 +455,6 @@ def test_two_processes_give_the_same_core_as_one(tmp_path, eval_env):
         {k: v["accuracy"] for k, v in single["core_tasks"].items()}
     assert all(t["examples"] == 5 for t in ddp["core_tasks"].values())
     assert out.count("CORE[18/22]: ") == 1  # only rank 0 prints
-
-
-def same_scores(got: list[list], expected: list[list], task_type: str) -> bool:
-    """The same verdicts (language_modeling) or, per example, mean losses equal to fp32 rounding and the same
-    chosen row. Bit-equality is not asserted: a row's float sums depend on the shapes it is computed in (which
-    rows share its pass, its padding), as on the thread count; on this machine they come out bit-identical."""
-    if task_type == "language_modeling":
-        return got == expected
-    return all(len(g) == len(e) and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(g, e))
-               and g.index(min(g)) == e.index(min(e)) for g, e in zip(got, expected))
-
-
-def test_batched_scoring_gives_the_original_per_example_loops_scores(bundle, small_tokenizer):
-    """Every available task on a fixed model (fp32): task_scores (examples batched together, shared prefixes run
-    once, only continuation positions unembedded) gives the scores of the original nanochat's loop (one pass per
-    example, full logits), however its rows are packed into passes; the accuracies are equal."""
-    from nanochat.core_eval import load_core_tasks, prepare_examples, task_scores
-
-    model = tiny_model(seq_len=256, lm_head_std=0.1).eval()
-    compared, shared = 0, 0
-    for task in load_core_tasks(bundle):
-        if not task["path"].is_file():
-            continue
-        kind, data = task["task_type"], load_task_data(task["path"], task["task_type"])
-        args = (model, small_tokenizer, data, kind, task["num_fewshot"], task["delimiter"], 8, "cpu")
-        expected = original_task_scores(*args)
-        evaluated, _, batched = task_scores(*args)
-        _, _, one_row_per_pass = task_scores(*args, batch_tokens=1)
-        assert same_scores(batched, expected, kind) and same_scores(one_row_per_pass, expected, kind), task["label"]
-        correct, n = evaluate_task(*args[:7], device="cpu")
-        golds = [row.get("gold") for row in evaluated]
-        original_correct = sum(bool(s[0]) if kind == "language_modeling" else s.index(min(s)) == g
-                               for s, g in zip(expected, golds))
-        assert (correct, n) == (original_correct, 8), task["label"]
-        if kind != "language_modeling":  # how many examples take the shared-prefix path (few-shot drawn alike)
-            fewshots = [[evaluated[i] for i in sample_fewshot(8, idx, task["num_fewshot"])] for idx in range(8)]
-            shared += sum(bool(e.shared) for e in prepare_examples(small_tokenizer, evaluated, fewshots, kind,
-                                                                   task["delimiter"], 256))
-        compared += len(expected)
-    assert compared == 18 * 8
-    assert 8 <= shared < 11 * 8  # both paths ran: shared prefixes (few-shot multiple choice) and whole rows
 
 
 def test_core_reports_the_dtype_it_ran_in(core_result):
