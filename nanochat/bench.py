@@ -356,6 +356,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("train", help="training step tok/s, FLOP/s vs the matmul peak, MFU, memory")
     add_model_args(p, vocab_size=65536)
     add_train_args(p)
+    p.add_argument("--baseline", action="store_true", help="time the original nanochat's step (compiled, full-logits "
+                   "loss, fp32) against ours eager and compiled, interleaved (nanochat/bench_train.py)")
+    p.add_argument("--variants", default="", help="with --baseline: comma-separated, default "
+                   "original,ours_eager,ours_compiled (also: ours_compiled_opt)")
     p = sub.add_parser("decode", help="Engine prefill and decode tok/s, bytes/s vs memory bandwidth")
     add_model_args(p)
     add_decode_args(p)
@@ -394,6 +398,10 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     if args.what == "all":
         results = bench_all(args)
+    elif args.what == "train" and args.baseline:
+        from nanochat.bench_train import bench_train_baseline  # it imports this module
+
+        results = bench_train_baseline(args)
     elif args.what == "train":
         results = [bench_train(args)]
     elif args.what == "decode":
