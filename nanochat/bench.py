@@ -359,7 +359,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", action="store_true", help="time the original nanochat's step (compiled, full-logits "
                    "loss, fp32) against ours eager and compiled, interleaved (nanochat/bench_train.py)")
     p.add_argument("--variants", default="", help="with --baseline: comma-separated, default "
-                   "original,ours_eager,ours_compiled (also: ours_compiled_opt)")
+                   "original,ours_eager,ours_compiled")
     p = sub.add_parser("decode", help="Engine prefill and decode tok/s, bytes/s vs memory bandwidth")
     add_model_args(p)
     add_decode_args(p)

@@ -12,13 +12,14 @@ deviation: the original casts Newton-Schulz to bf16 on every device; on a CPU wi
 
 Ours is what base_train runs on this machine: `default_dtype` (bf16 autocast only on bf16-capable CPUs), the
 blocked loss (nanochat/chunked_loss.py), DistAdamW and Muon, eager (`ours_eager`) and compiled (`ours_compiled`,
-what --compile=auto picks for a long run). `ours_compiled_opt` adds the opt-in compiled optimizer updates.
+what --compile=auto picks for a long run).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -122,8 +123,7 @@ class Variant:
         else:
             self.dtype = dtype
             self.loss = torch.compile(self.model, dynamic=False) if name != "ours_eager" else self.model
-            opt_kwargs = {"compiled": True} if name == "ours_compiled_opt" else {}
-            self.optimizers = self.model.setup_optimizers(**opt_kwargs)
+            self.optimizers = self.model.setup_optimizers()
         self.autocast = autocast_for(device, self.dtype)
         self.step_s: list[float] = []
         self.opt_s: list[float] = []
@@ -159,10 +159,8 @@ def bench_train_baseline(args) -> list[dict]:
     """One JSON line per variant: median step, tok/s, optimizer ms, peak RSS, ratio to the original."""
     device, dtype = device_and_dtype(args)
     names = args.variants.split(",") if getattr(args, "variants", "") else list(VARIANTS)
-    unknown = set(names) - {*VARIANTS, "ours_compiled_opt"}
-    if unknown or "original" not in names:
-        raise SystemExit(f"--variants must include original and be among {VARIANTS + ('ours_compiled_opt',)}, "
-                         f"got {args.variants!r}")
+    if set(names) - set(VARIANTS) or "original" not in names:
+        raise SystemExit(f"--variants must include original and be among {','.join(VARIANTS)}, got {args.variants!r}")
     torch.manual_seed(1)
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
     y = torch.roll(x, -1, dims=1)
@@ -176,6 +174,9 @@ def bench_train_baseline(args) -> list[dict]:
             v.step(timed=r >= args.warmup, device=device)
             if r == 0:
                 first_s[v.name] = time.perf_counter() - t0  # includes compiling
+        print(f"round {r + 1}: " + ", ".join(f"{v.name} {v.losses[-1]:.4f}" for v in variants)
+              + (f", step ms {[round(v.step_s[-1] * 1000) for v in variants]}" if r >= args.warmup else ""),
+              file=sys.stderr, flush=True)
     load_after = os.getloadavg()
     tokens = args.batch_size * args.seq_len * args.accum_steps
     base = statistics.median(next(v for v in variants if v.name == "original").step_s)
