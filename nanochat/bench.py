@@ -5,6 +5,7 @@ Benchmarks that print one JSON line per figure, each next to a limit of the mach
     python -m nanochat.bench all                  # full sizes, by hand (minutes on a CPU)
     python -m nanochat.bench train --depth=4 --vocab-size=4096 --compile
     python -m nanochat.bench train --depth=20 --compile        # on a GPU
+    python -m nanochat.bench train --baseline --seq-len=512 --batch-size=8   # against the original's step
     python -m nanochat.bench decode --depth=8 --batch-sizes=1,8
     python -m nanochat.bench core --checkpoint-dir=$NANOCHAT_BASE_DIR/base_checkpoints/d20
     python -m nanochat.bench core --baseline --max-per-task=10   # against the original's evaluation loop
