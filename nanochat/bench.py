@@ -5,6 +5,7 @@ Benchmarks that print one JSON line per figure, each next to a limit of the mach
     python -m nanochat.bench all                  # full sizes, by hand (minutes on a CPU)
     python -m nanochat.bench train --depth=4 --vocab-size=4096 --compile
     python -m nanochat.bench train --depth=20 --compile        # on a GPU
+    python -m nanochat.bench train --baseline --seq-len=512 --batch-size=8   # against the original's step
     python -m nanochat.bench decode --depth=8 --batch-sizes=1,8
     python -m nanochat.bench core --checkpoint-dir=$NANOCHAT_BASE_DIR/base_checkpoints/d20
     python -m nanochat.bench core --baseline --max-per-task=10   # against the original's evaluation loop
@@ -359,6 +360,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = sub.add_parser("train", help="training step tok/s, FLOP/s vs the matmul peak, MFU, memory")
     add_model_args(p, vocab_size=65536)
     add_train_args(p)
+    p.add_argument("--baseline", action="store_true", help="time the original nanochat's step (compiled, full-logits "
+                   "loss, fp32) against ours eager and compiled, interleaved (nanochat/bench_train.py)")
+    p.add_argument("--variants", default="", help="with --baseline: comma-separated, default "
+                   "original,ours_eager,ours_compiled")
     p = sub.add_parser("decode", help="Engine prefill and decode tok/s, bytes/s vs memory bandwidth")
     add_model_args(p)
     add_decode_args(p)
@@ -397,6 +402,10 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     if args.what == "all":
         results = bench_all(args)
+    elif args.what == "train" and args.baseline:
+        from nanochat.bench_train import bench_train_baseline  # it imports this module
+
+        results = bench_train_baseline(args)
     elif args.what == "train":
         results = [bench_train(args)]
     elif args.what == "decode":

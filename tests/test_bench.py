@@ -33,6 +33,28 @@ def test_bench_train_prints_figures(capsys):
     assert printed["dtype"] == default_dtype(torch.device("cpu"))
 
 
+def test_bench_train_baseline_times_the_original_against_ours(capsys):
+    lines = bench.main(["--threads=1", "train", "--baseline", "--variants=original,ours_eager", "--depth=1",
+                        "--vocab-size=512", "--seq-len=32", "--batch-size=2", "--steps=2", "--warmup=1",
+                        "--device-type=cpu"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == json.loads(json.dumps(lines))
+    assert [p["variant"] for p in printed] == ["original", "ours_eager"]
+    original, ours = printed
+    assert original["dtype"] == "float32" and ours["dtype"] == default_dtype(torch.device("cpu"))
+    # Same model, same tokens: the original's full-logits loss and our blocked loss agree on the first step.
+    if ours["dtype"] == "float32":
+        assert ours["first_loss"] == pytest.approx(original["first_loss"], rel=1e-4)
+    assert 5 < original["first_loss"] < 8  # ~ln(512) for a fresh model
+    for p in printed:
+        assert all(k in p for k in MACHINE) and p["threads"] == 1 and p["timed_steps"] == "2-3"
+        assert p["tokens_per_step"] == 64 and p["tok_per_sec"] > 0 and 0 < p["optimizer_ms"] < p["step_ms"]
+        assert p["peak_rss_mib"] > 0 and len(p["load_avg_before"]) == 3
+        assert p["speedup_vs_original"] == pytest.approx(original["step_ms"] / p["step_ms"], rel=0.01)
+    with pytest.raises(SystemExit, match="--variants must include original"):
+        bench.main(["train", "--baseline", "--variants=ours_eager,ours_fast"])
+
+
 def test_all_quick_prints_every_figure_next_to_its_limit(capsys):
     lines = bench.main(["--threads=1", "all", "--quick", "--device-type=cpu"])
     printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]

@@ -144,3 +144,21 @@ def test_bf16_newton_schulz_orthogonalises_like_fp32(monkeypatch, shape):
     assert sv.min() > 0.55 and sv.max() < 1.25, sv
     cosine = torch.nn.functional.cosine_similarity(bf16.flatten(), fp32.flatten(), dim=0)
     assert cosine > 0.99, cosine
+
+
+def test_fused_adamw_equals_the_multi_pass_update():
+    # The default (torch's fused kernel) against the elementwise form, with weight decay and a changing LR.
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 16))
+    b = torch.nn.Parameter(a.detach().clone())
+    fused = DistAdamW([a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    plain = DistAdamW([b], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, fused=False)
+    for step in range(6):
+        g = torch.randn(64, 16)
+        a.grad, b.grad = g.clone(), g.clone()
+        for opt in (fused, plain):
+            opt.param_groups[0]["lr"] = 0.01 * (1 - step / 6)
+            opt.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(a, torch.zeros_like(a)) and fused.state[a]["step"] == 6
+    torch.testing.assert_close(fused.state[a]["exp_avg_sq"], plain.state[b]["exp_avg_sq"], rtol=1e-6, atol=1e-12)
