@@ -344,7 +344,7 @@ def test_import_bench_prints_its_figures(capsys, shared_data):
 
 @pytest.mark.slow
 def test_cli_evaluates_promotes_and_the_app_serves_it(hub, tmp_path, shared_data):
-    from test_app import AppServer  # tests/ is on sys.path (rootless)
+    from app_server import AppServer  # tests/ is on sys.path (rootless)
 
     store = LocalArtifactStore(root=str(tmp_path / "artifacts"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "NANOCHAT_WORKSPACE": str(tmp_path / "w"),

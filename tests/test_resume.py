@@ -26,7 +26,7 @@ import torch
 import yaml
 from botocore.config import Config
 from dagster import DagsterRunStatus
-from test_webserver import RUN_EVENTS_QUERY, DagsterDev, launch_run, run_errors, wait_for_run  # tests/ on sys.path
+from webserver_driver import RUN_EVENTS_QUERY, DagsterDev, launch_run, run_errors, wait_for_run  # tests/ on sys.path
 
 from nanochat.checkpoint_manager import read_meta, recorded_tokenizer, save_checkpoint, tokenizer_record, with_tokenizer
 from nanochat.gpt import GPT, GPTConfig
